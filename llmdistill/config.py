@@ -1,0 +1,161 @@
+"""DistillConfig: every distillation option as a dataclass field (Python kwarg, YAML key and CLI flag)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .divergences import DIVERGENCES, validate_divergence
+from .objectives import OBJECTIVES
+
+CONFIG_FILENAME = "distill_config.yaml"
+
+
+@dataclass
+class DistillConfig(TrainingArguments):
+    """`transformers.TrainingArguments` plus what distillation needs.
+
+    The loss is `(1 - alpha_kd) * CE(student, gold) + alpha_kd * KD(teacher || student)`, every token sum divided
+    by the number of supervised (response) tokens in the whole optimizer step.
+    """
+
+    # Models
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher: a local folder or a hub name. Not needed for objective 'sft'."}
+    )
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student to train: a local folder or a hub name."}
+    )
+    teacher_tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher tokenizer, if not stored with the teacher."}
+    )
+    student_tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student tokenizer, if not stored with the student."}
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype to load both models in: float32, bfloat16, float16 or auto (the checkpoint's)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+    # Data
+    dataset_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a .jsonl/.json file, a folder saved with `datasets`, or a hub dataset name."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (optional)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt text."})
+    response_column: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the response; by default the first of 'output', 'completion', 'response'."},
+    )
+    messages_column: str = field(
+        default="messages", metadata={"help": "Column holding chat messages (rendered with the chat template)."}
+    )
+    max_prompt_length: int = field(default=256, metadata={"help": "Longest prompt in tokens."})
+    max_length: int = field(default=512, metadata={"help": "Longest prompt + response in tokens; responses are cut."})
+    drop_overlong_prompts: bool = field(
+        default=False,
+        metadata={"help": "Skip (and count) examples whose prompt exceeds max_prompt_length instead of stopping."},
+    )
+
+    # Distillation
+    objective: str = field(
+        default="vanilla",
+        metadata={"help": f"What to train with: 'sft' (CE only, no teacher) or one of {', '.join(OBJECTIVES)}."},
+    )
+    divergence: str = field(
+        default="fkl", metadata={"help": f"Token-level divergence D(teacher||student): {', '.join(DIVERGENCES)}."}
+    )
+    jsd_beta: float = field(default=0.5, metadata={"help": "jsd mixing weight: 0 = forward KL, 1 = reverse KL."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "skl/srkl skew weight α in [0, 1]."})
+    akl_mu: float = field(default=0.5, metadata={"help": "akl head/tail split of the teacher's probability mass."})
+    alpha_kd: float = field(default=0.5, metadata={"help": "Weight of KD in (1 - alpha_kd) * CE + alpha_kd * KD."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature for both models in KD."})
+    scale_kd_by_temperature_squared: bool = field(
+        default=False, metadata={"help": "Multiply the KD term by temperature² (Hinton); off as in the DSKD scripts."}
+    )
+
+    # Trainer defaults that suit distillation
+    output_dir: str | None = field(default="runs/llmdistill", metadata={"help": "Where checkpoints and the student go."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the collator needs the tokenised columns."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy: no, steps, epoch."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective != "sft" and self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"objective={self.objective!r} is unknown: choose 'sft' or one of {', '.join(OBJECTIVES)}."
+            )
+        validate_divergence(self.divergence, self.jsd_beta, self.skew_alpha, self.akl_mu, self.temperature)
+        if not 0.0 <= self.alpha_kd <= 1.0:
+            raise ValueError(f"alpha_kd={self.alpha_kd} must lie in [0, 1] (0 = CE only, 1 = KD only).")
+        if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(
+                f"model_dtype={self.model_dtype!r} is unknown: choose float32, bfloat16, float16 or auto."
+            )
+        if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
+            raise ValueError(
+                f"max_length={self.max_length} must exceed max_prompt_length={self.max_prompt_length} (≥ 1) "
+                "so that every example keeps at least one response token."
+            )
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.objective != "sft" and self.alpha_kd > 0
+
+    def divergence_params(self) -> dict:
+        return {
+            "name": self.divergence,
+            "temperature": self.temperature,
+            "beta": self.jsd_beta,
+            "skew_alpha": self.skew_alpha,
+            "akl_mu": self.akl_mu,
+        }
+
+    def save_yaml(self, directory: str | Path) -> Path:
+        """Write the resolved configuration; `DistillConfig.from_yaml` reads it back."""
+        path = Path(directory) / CONFIG_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        resolved = {key: value for key, value in self.to_dict().items() if key in _init_field_names()}
+        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        return path
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "DistillConfig":
+        """Read a YAML file (optional), then apply `--field value` command-line overrides."""
+        values = _read_yaml(path) if path is not None else {}
+        parser = HfArgumentParser(cls)
+        parser.set_defaults(**values)
+        (config,) = parser.parse_args_into_dataclasses(args=overrides or [])
+        return config
+
+
+def _init_field_names() -> set[str]:
+    return {f.name for f in fields(DistillConfig) if f.init}
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of option names to values.")
+    known = _init_field_names()
+    for key in values:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(f"{path}: unknown option {key!r}.{suggestion}")
+    return values
+

@@ -1,0 +1,207 @@
+"""DistillTrainer: a `transformers.Trainer` whose loss is (1 - α)·CE + α·KD against a frozen teacher."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from .config import DistillConfig
+from .data import IGNORE_INDEX, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
+from .models import freeze, last_hidden_states, load_model, load_tokenizer, logits_from_hidden
+from .objectives import OBJECTIVES
+from .vocab import compare_vocabularies, same_tokens
+
+
+class DistillTrainer(Trainer):
+    """Trains `student` (alias `model`) towards `teacher`; both may be given as models or as names/paths.
+
+    Datasets may be raw (prompt/response or messages columns, see `DistillConfig`) or already tokenised
+    (`input_ids` and `labels`). With neither given, `args.dataset_name_or_path` is loaded.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str | None = None,
+        args: DistillConfig | None = None,
+        teacher: PreTrainedModel | str | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        teacher_processing_class: PreTrainedTokenizerBase | None = None,
+        data_collator=None,
+        student: PreTrainedModel | str | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, DistillConfig):
+            raise TypeError("args must be a DistillConfig (it carries the distillation options).")
+        student = _first_given(student, model, args.student_model_name_or_path, name="student")
+        tokenizer = processing_class or load_tokenizer(
+            _tokenizer_source(args.student_tokenizer_name_or_path, student, "student"), args.trust_remote_code
+        )
+        if args.uses_teacher:
+            teacher = _first_given(teacher, args.teacher_model_name_or_path, name="teacher")
+            teacher_tokenizer = teacher_processing_class or load_tokenizer(
+                _tokenizer_source(args.teacher_tokenizer_name_or_path, teacher, "teacher"), args.trust_remote_code
+            )
+            _check_same_tokens(args.objective, teacher_tokenizer, tokenizer)
+        train_dataset = self._tokenised(train_dataset, args, tokenizer, args.dataset_train_split, "train")
+        if eval_dataset is not None or args.dataset_eval_split:
+            eval_dataset = self._tokenised(eval_dataset, args, tokenizer, args.dataset_eval_split, "eval")
+
+        if isinstance(student, str):
+            student = load_model(student, args.model_dtype, args.trust_remote_code)
+        super().__init__(
+            model=student,
+            args=args,
+            data_collator=data_collator or DistillCollator(tokenizer.pad_token_id),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            **kwargs,
+        )
+        # Our compute_loss divides by the step's token count itself: make the Trainer count it and not rescale.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+
+        self.teacher, self.objective = None, None
+        if args.uses_teacher:
+            if isinstance(teacher, str):
+                teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
+            self.teacher = freeze(teacher).to(self.args.device)
+            relation = compare_vocabularies(
+                teacher_tokenizer, tokenizer, _head_rows(self.teacher), _head_rows(self.model)
+            )
+            self.objective = OBJECTIVES[args.objective](
+                args.divergence_params(), relation.shared_size, args.scale_kd_by_temperature_squared
+            )
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
+
+    @staticmethod
+    def _tokenised(dataset, args: DistillConfig, tokenizer, split: str | None, name: str):
+        if dataset is None:
+            if not args.dataset_name_or_path:
+                raise ValueError(f"no {name} data: pass {name}_dataset= or set dataset_name_or_path.")
+            dataset = load_raw_dataset(args.dataset_name_or_path, split, args.dataset_config_name)
+        if {"input_ids", "labels"} <= set(dataset.column_names):
+            return dataset
+        fmt = resolve_format(dataset.column_names, args.prompt_column, args.response_column, args.messages_column)
+        return prepare_dataset(
+            dataset, tokenizer, fmt, args.max_prompt_length, args.max_length, args.drop_overlong_prompts, name
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        targets = inputs["labels"][:, 1:]
+        supervised = targets != IGNORE_INDEX
+        local_tokens = int(supervised.sum())
+        if local_tokens == 0:
+            raise ValueError(
+                "a batch has no supervised (response) token: every label is -100. Each example needs at least one "
+                "response token; check the labels of pre-tokenised data."
+            )
+        student_hidden = last_hidden_states(model, input_ids, attention_mask)[:, :-1][supervised]
+        student_logits = logits_from_hidden(self.accelerator.unwrap_model(model), student_hidden)
+        ce_sum = F.cross_entropy(student_logits.float(), targets[supervised], reduction="sum")
+        kd_sum = torch.zeros((), device=ce_sum.device)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_hidden = last_hidden_states(self.teacher, input_ids, attention_mask)[:, :-1][supervised]
+                teacher_logits = logits_from_hidden(self.teacher, teacher_hidden)
+            kd_sum = self.objective(student_logits, teacher_logits)
+        alpha = self.args.alpha_kd if self.teacher is not None else 0.0
+        denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
+        loss = ((1 - alpha) * ce_sum + alpha * kd_sum) / denominator
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss is not finite (ce sum {ce_sum.item()}, kd sum {kd_sum.item()}): lower the learning rate "
+                "or load the models in float32 (model_dtype)."
+            )
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; undo it
+        self._record(ce_sum, kd_sum, local_tokens)
+        return (loss, None) if return_outputs else loss
+
+    def _record(self, ce_sum: torch.Tensor, kd_sum: torch.Tensor, tokens: int) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["ce"].append(ce_sum.item() / tokens)
+        if self.teacher is not None:
+            metrics["kd"].append(kd_sum.item() / tokens)
+        if self.model.training:
+            self._tokens_since_log += tokens
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[f"{prefix}{key}"] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        if mode == "train" and "loss" in logs:
+            now = time.perf_counter()
+            logs["supervised_tokens_per_second"] = self._tokens_since_log / max(now - self._last_log_time, 1e-9)
+            logs["peak_memory_mb"] = _peak_memory_mb(self.args.device)
+            self._tokens_since_log, self._last_log_time = 0, now
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A plain HF folder (weights, config, tokenizer) plus the resolved `distill_config.yaml`."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.args.save_yaml(output_dir or self.args.output_dir)
+
+
+def _first_given(*candidates, name: str):
+    for candidate in candidates:
+        if candidate is not None:
+            return candidate
+    raise ValueError(f"no {name} model: pass {name}= or set {name}_model_name_or_path.")
+
+
+def _tokenizer_source(explicit: str | None, model, role: str) -> str:
+    source = explicit or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
+    if not source:
+        raise ValueError(
+            f"cannot find the {role} tokenizer: pass it (processing_class / teacher_processing_class) or set "
+            f"{role}_tokenizer_name_or_path."
+        )
+    return source
+
+
+def _check_same_tokens(objective: str, teacher_tokenizer, student_tokenizer) -> None:
+    if not same_tokens(teacher_tokenizer, student_tokenizer):
+        raise ValueError(
+            f"objective {objective!r} needs teacher and student to share one vocabulary, but their tokenizers "
+            f"differ ({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens, or the same tokens with "
+            "different ids). Use a cross-tokenizer objective (dskd_eta, uld, mined, cma, simple_ctkd; see the "
+            "README's method table) or give both models the same tokenizer."
+        )
+
+
+def _head_rows(model: PreTrainedModel) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def distill(config: DistillConfig) -> DistillTrainer:
+    """Train the configured student and save it (plain HF folder + distill_config.yaml) to `output_dir`."""
+    trainer = DistillTrainer(args=config)
+    trainer.train()
+    trainer.save_model()
+    return trainer

@@ -1,0 +1,62 @@
+"""Tiny real models and data shared by the tests: trained-in-test tokenizer, GPT-2 teacher, Llama student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from llmdistill.quickstart.task import make_examples
+from llmdistill.quickstart.tokenizer import train_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def examples() -> list[dict]:
+    return make_examples(64, seed=1, subtasks=["reverse", "sort", "lookup", "count"])
+
+
+@pytest.fixture(scope="session")
+def tokenizer(examples):
+    return train_tokenizer([e["prompt"] + e["response"] for e in examples], vocab_size=300)
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 24) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture()
+def model_dirs(tmp_path, tokenizer) -> tuple[Path, Path]:
+    """(teacher folder, student folder): a GPT-2-style teacher and a Llama-style student, same tokenizer."""
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    for directory, model in ((teacher_dir, tiny_gpt2(len(tokenizer))), (student_dir, tiny_llama(len(tokenizer)))):
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return teacher_dir, student_dir
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture()
+def train_file(tmp_path, examples) -> Path:
+    rows = [{"prompt": e["prompt"], "output": e["response"]} for e in examples]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
