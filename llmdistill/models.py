@@ -45,6 +45,18 @@ def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return outputs.hidden_states[-1]
 
 
+def supervised_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, supervised: torch.Tensor, head_owner=None
+) -> torch.Tensor:
+    """Logits [N, V] at the N positions that predict a supervised token (`supervised`: [B, T-1] mask).
+
+    Hidden states are gathered before the head, so no [B, T, V] tensor is built. `head_owner` is the unwrapped
+    model when `model` is a DDP/FSDP wrapper whose forward must still be the one called.
+    """
+    hidden = last_hidden_states(model, input_ids, attention_mask)[:, :-1][supervised]
+    return logits_from_hidden(head_owner or model, hidden)
+
+
 def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The model's own LM head on already-gathered hidden states, with final-logit soft-capping where it has one."""
     logits = model.get_output_embeddings()(hidden)

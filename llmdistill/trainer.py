@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from .config import DistillConfig
 from .data import IGNORE_INDEX, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
-from .models import freeze, last_hidden_states, load_model, load_tokenizer, logits_from_hidden
+from .models import freeze, load_model, load_tokenizer, supervised_logits
 from .objectives import OBJECTIVES
 from .vocab import compare_vocabularies, same_tokens
 
@@ -105,14 +105,14 @@ class DistillTrainer(Trainer):
                 "a batch has no supervised (response) token: every label is -100. Each example needs at least one "
                 "response token; check the labels of pre-tokenised data."
             )
-        student_hidden = last_hidden_states(model, input_ids, attention_mask)[:, :-1][supervised]
-        student_logits = logits_from_hidden(self.accelerator.unwrap_model(model), student_hidden)
+        student_logits = supervised_logits(
+            model, input_ids, attention_mask, supervised, head_owner=self.accelerator.unwrap_model(model)
+        )
         ce_sum = F.cross_entropy(student_logits.float(), targets[supervised], reduction="sum")
         kd_sum = torch.zeros((), device=ce_sum.device)
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_hidden = last_hidden_states(self.teacher, input_ids, attention_mask)[:, :-1][supervised]
-                teacher_logits = logits_from_hidden(self.teacher, teacher_hidden)
+                teacher_logits = supervised_logits(self.teacher, input_ids, attention_mask, supervised)
             kd_sum = self.objective(student_logits, teacher_logits)
         alpha = self.args.alpha_kd if self.teacher is not None else 0.0
         denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens

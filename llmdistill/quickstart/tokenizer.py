@@ -1,0 +1,50 @@
+"""Small byte-level BPE tokenizer trained on the quickstart task texts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<bos>"
+EOS_TOKEN = "<eos>"
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # One token per digit makes multi-digit arithmetic learnable for a tiny model.
+    # No prefix space and no offset trimming: offsets are exact spans of the input,
+    # leading space included (" cat" -> the span of " cat").
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True),
+    ])
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, model_max_length: int = 512
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts``; ids 0/1/2 are ``<pad>``/``<bos>``/``<eos>``.
+
+    Encoding adds no special tokens; offsets are character spans in the input.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = _pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        add_prefix_space=False,
+        padding_side="right",
+        model_max_length=model_max_length,
+    )

@@ -1,0 +1,195 @@
+import re
+from collections import Counter
+
+import pytest
+from transformers import AutoTokenizer
+
+from llmdistill.quickstart.task import PROMPT_TEMPLATE, SUBTASKS, make_examples, make_splits
+from llmdistill.quickstart.tokenizer import train_tokenizer
+
+PROMPT_PREFIX, PROMPT_SUFFIX = PROMPT_TEMPLATE.split("{instruction}")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def all_texts(splits):
+    train, held_out = splits
+    return [example["prompt"] + example["response"] for example in train + held_out]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(all_texts):
+    return train_tokenizer(all_texts, vocab_size=512)
+
+
+def instruction_of(example):
+    return example["prompt"].removeprefix(PROMPT_PREFIX).removesuffix(PROMPT_SUFFIX)
+
+
+def listed_after_colon(instruction):
+    return instruction.rsplit(": ", 1)[1].rstrip("?")
+
+
+# --- task data ---------------------------------------------------------------
+
+
+def test_make_examples_is_deterministic_in_seed():
+    assert make_examples(200, seed=3) == make_examples(200, seed=3)
+    assert make_examples(200, seed=3) != make_examples(200, seed=4)
+
+
+def test_make_examples_balances_and_restricts_subtasks():
+    counts = Counter(example["task"] for example in make_examples(70, seed=0))
+    assert counts == {name: 10 for name in SUBTASKS}
+    assert {example["task"] for example in make_examples(20, seed=0, subtasks=["sort", "count"])} == {"sort", "count"}
+    with pytest.raises(ValueError):
+        make_examples(5, seed=0, subtasks=["translate"])
+
+
+def test_make_splits_is_deterministic_in_seed(splits):
+    assert make_splits(seed=0) == splits
+    assert make_splits(seed=1) != splits
+
+
+def test_make_splits_sizes_and_prompt_uniqueness(splits):
+    train, held_out = splits
+    assert (len(train), len(held_out)) == (2000, 100)
+    train_prompts = {example["prompt"] for example in train}
+    assert len(train_prompts) == len(train)
+    assert not train_prompts & {example["prompt"] for example in held_out}
+
+
+def test_eval_split_does_not_depend_on_train_size(splits):
+    assert make_splits(seed=0, n_train=50)[1] == splits[1]
+
+
+def test_every_subtask_in_both_splits(splits):
+    for examples in splits:
+        assert {example["task"] for example in examples} == set(SUBTASKS)
+    assert len(SUBTASKS) >= 5
+
+
+def test_prompt_and_response_format(splits):
+    for example in splits[0] + splits[1]:
+        assert example["prompt"].startswith(PROMPT_PREFIX)
+        assert example["prompt"].endswith(PROMPT_SUFFIX)
+        assert example["response"] and example["response"] == example["response"].strip()
+
+
+def test_response_lengths_span_short_and_long(splits):
+    lengths = [len(example["response"]) for example in splits[0]]
+    assert sum(length <= 10 for length in lengths) > 100
+    assert sum(length >= 300 for length in lengths) > 20
+    assert max(lengths) <= 450
+
+
+def test_arithmetic_responses_are_correct(splits):
+    arithmetic = [example for example in splits[0] if example["task"] == "arithmetic"]
+    for example in arithmetic:
+        terms = re.findall(r"([+-]?) ?(\d+)", instruction_of(example))
+        *steps, answer_line = example["response"].split("\n")
+        assert len(steps) == len(terms) - 1
+        total = int(terms[0][1])
+        for (operator, operand), step in zip(terms[1:], steps):
+            left, step_operator, right, result = re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)", step).groups()
+            assert (int(left), step_operator, int(right)) == (total, operator, int(operand))
+            total = total + int(operand) if operator == "+" else total - int(operand)
+            assert int(result) == total
+        assert answer_line == f"Answer: {total}"
+    assert max(len(example["response"].split("\n")) for example in arithmetic) >= 12
+
+
+def expected_response(example):
+    instruction = instruction_of(example)
+    task = example["task"]
+    if task == "reverse":
+        return " ".join(reversed(listed_after_colon(instruction).split()))
+    if task == "sort":
+        numbers = sorted(int(number) for number in listed_after_colon(instruction).split(", "))
+        return ", ".join(map(str, numbers))
+    if task == "lookup":
+        table = dict(re.findall(r"([a-h])=(\d+)", instruction))
+        return table[re.search(r"(?:what is|Look up|value of) ([a-h])\b", instruction).group(1)]
+    if task == "count":
+        target = re.search(r"(?:does|letter) ([a-e]) ", instruction).group(1)
+        return str(listed_after_colon(instruction).split().count(target))
+    if task == "repeat":
+        word, times = re.search(r"(\w+) (?:exactly )?(\d+) times", instruction).groups()
+        return " ".join([word] * int(times))
+    if task == "uppercase":
+        return listed_after_colon(instruction).upper()
+    raise AssertionError(f"no checker for {task}")
+
+
+def test_non_arithmetic_responses_follow_their_rule(splits):
+    for example in splits[0]:
+        if example["task"] != "arithmetic":
+            assert example["response"] == expected_response(example), example
+
+
+# --- tokenizer -----------------------------------------------------------------
+
+
+def test_tokenizer_training_is_deterministic(all_texts, tokenizer):
+    retrained = train_tokenizer(iter(all_texts), vocab_size=512)
+    assert retrained.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+
+
+def test_tokenizer_special_tokens_and_defaults(tokenizer):
+    assert len(tokenizer) == 512
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == 0
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<bos>", "<eos>")
+    assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}) == 3
+    assert tokenizer.padding_side == "right"
+    assert tokenizer.model_max_length == 512
+    batch = tokenizer(["ab", "ab cd ef"], padding=True)
+    assert batch["input_ids"][0][-1] == tokenizer.pad_token_id
+
+
+def test_encode_adds_no_special_tokens(tokenizer, all_texts):
+    special_ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for ids in tokenizer(all_texts[:200])["input_ids"]:
+        assert not special_ids & set(ids)
+
+
+def test_round_trip(tokenizer, all_texts):
+    for text, ids in zip(all_texts, tokenizer(all_texts)["input_ids"]):
+        assert tokenizer.decode(ids) == text
+
+
+def test_digits_are_single_tokens(tokenizer):
+    tokens = tokenizer.tokenize("12 + 345 = 357\nAnswer: 2024")
+    assert [token for token in tokens if any(char.isdigit() for char in token)] == list("12345357") + list("2024")
+
+
+def test_offsets_are_exact_character_spans(tokenizer, all_texts):
+    for text in all_texts[:100]:
+        encoding = tokenizer(text, return_offsets_mapping=True)
+        offsets = encoding["offset_mapping"]
+        assert offsets[0][0] == 0 and offsets[-1][1] == len(text)
+        assert all(previous[1] == current[0] for previous, current in zip(offsets, offsets[1:]))
+        for token_id, (start, end) in zip(encoding["input_ids"], offsets):
+            assert text[start:end] == tokenizer.decode([token_id])
+
+
+def test_save_and_reload_is_identical(tokenizer, all_texts, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    assert reloaded.get_vocab() == tokenizer.get_vocab()
+    assert reloaded.special_tokens_map == tokenizer.special_tokens_map
+    assert (reloaded.padding_side, reloaded.model_max_length) == ("right", 512)
+    sample = all_texts[:50]
+    assert reloaded(sample, return_offsets_mapping=True) == tokenizer(sample, return_offsets_mapping=True)
+
+
+def test_longest_responses_take_about_100_to_200_tokens(tokenizer, splits):
+    responses = [example["response"] for example in splits[0]]
+    token_counts = [len(ids) for ids in tokenizer(responses)["input_ids"]]
+    assert 100 <= max(token_counts) <= 200
+    long_by_chars = [count for response, count in zip(responses, token_counts) if len(response) >= 300]
+    assert long_by_chars and all(80 <= count <= 200 for count in long_by_chars)
