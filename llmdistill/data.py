@@ -81,15 +81,16 @@ def tokenize_example(
 ) -> tuple[list[int], int]:
     """Token ids of prompt + response + EOS (cut to max_length) and the index of the first response token.
 
-    The whole text is tokenised at once, as at inference; the first response token is the first one whose character
-    span starts at or after the prompt's end. Returns a response start of -1 when the response yields no token.
+    The whole text is tokenised at once; the first response token is the first one that covers any response
+    character, so a token merging the prompt's trailing space with the response's first word (" b") is learned,
+    not lost. Returns a response start of -1 when no token covers the response.
     """
     encoding = tokenizer(
         prompt + response, add_special_tokens=add_special_tokens, return_offsets_mapping=True, verbose=False
     )
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     response_start = next(
-        (i for i, (start, end) in enumerate(offsets) if start >= len(prompt) and end > start), -1
+        (i for i, (_, end) in enumerate(offsets) if end > len(prompt)), -1
     )
     if response_start >= 0 and ids[-1] != tokenizer.eos_token_id:
         ids = ids + [tokenizer.eos_token_id]
@@ -148,7 +149,7 @@ def _text_problem(prompt, response) -> str | None:
 
 def _token_problem(response_start: int, max_prompt_length: int) -> str | None:
     if response_start < 0:
-        return "the response tokenises to nothing of its own (it merges into the prompt's last token)"
+        return "the response tokenises to nothing"
     if response_start == 0:
         return "the prompt tokenises to nothing: the first response token would have no context"
     if response_start > max_prompt_length:

@@ -1,0 +1,119 @@
+"""Data: formats, labels on response tokens only, dynamic padding, and clear errors for unusable rows."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from llmdistill.data import (
+    IGNORE_INDEX,
+    DataError,
+    DistillCollator,
+    ExampleFormat,
+    load_raw_dataset,
+    prepare_dataset,
+    resolve_format,
+)
+from llmdistill.models import load_tokenizer
+
+from conftest import SHARED_DATA, write_jsonl
+
+PROMPT_OUTPUT = ExampleFormat(prompt_column="prompt", response_column="output")
+
+
+def prepare(rows, tokenizer, fmt=PROMPT_OUTPUT, **options):
+    options = {"max_prompt_length": 64, "max_length": 128} | options
+    return prepare_dataset(datasets.Dataset.from_list(rows), tokenizer, fmt, **options)
+
+
+def test_labels_cover_exactly_the_response_and_eos(tokenizer):
+    prompt, response = "### Instruction:\nSort 3, 1\n\n### Response:\n", "1, 3"
+    row = prepare([{"prompt": prompt, "output": response}], tokenizer)[0]
+    start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    assert tokenizer.decode(row["input_ids"][:start]) == prompt
+    assert row["labels"][start:] == row["input_ids"][start:]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(row["input_ids"][start:-1]) == response
+
+
+@pytest.mark.parametrize(
+    ("columns", "expected"),
+    [
+        (["prompt", "output"], ExampleFormat(prompt_column="prompt", response_column="output")),
+        (["prompt", "completion"], ExampleFormat(prompt_column="prompt", response_column="completion")),
+        (["messages"], ExampleFormat(messages_column="messages")),
+    ],
+)
+def test_formats_are_detected_from_columns(columns, expected):
+    assert resolve_format(columns, "prompt", None, "messages") == expected
+
+
+def test_missing_column_names_the_columns_and_the_fix():
+    with pytest.raises(DataError, match="response_column"):
+        resolve_format(["prompt", "answer"], "prompt", None, "messages")
+
+
+def test_messages_use_the_chat_template(tokenizer):
+    chat = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>", pad_token="<pad>")
+    chat.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]
+    row = prepare([{"messages": messages}], chat, ExampleFormat(messages_column="messages"))[0]
+    start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    assert chat.decode(row["input_ids"][:start]) == "<user>Reverse: a b\n<assistant>"
+    assert chat.decode(row["input_ids"][start:], skip_special_tokens=True) == "b a\n"
+
+
+def test_messages_without_chat_template_use_a_plain_rendering(tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b a"}]
+    row = prepare([{"messages": messages}], tokenizer, ExampleFormat(messages_column="messages"))[0]
+    start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    # the prompt's trailing space merges into the response's first token, which is learned, not dropped
+    assert tokenizer.decode(row["input_ids"][:start]) == "user: hi\nassistant:"
+    assert tokenizer.decode(row["input_ids"][start:], skip_special_tokens=True) == " b a"
+
+
+def test_empty_response_is_reported_with_its_row(tokenizer):
+    rows = [{"prompt": "a\n", "output": "b"}, {"prompt": "c\n", "output": "  "}]
+    with pytest.raises(DataError, match="row 1: the response is empty"):
+        prepare(rows, tokenizer)
+
+
+def test_overlong_prompt_stops_or_is_dropped_on_request(tokenizer):
+    rows = [{"prompt": "x " * 100 + "\n", "output": "y"}, {"prompt": "a\n", "output": "b"}]
+    with pytest.raises(DataError, match="max_prompt_length=64.*drop_overlong_prompts"):
+        prepare(rows, tokenizer)
+    kept = prepare(rows, tokenizer, drop_overlong_prompts=True)
+    assert len(kept) == 1
+
+
+def test_long_responses_are_cut_to_max_length(tokenizer):
+    row = prepare([{"prompt": "a\n", "output": "b c " * 200}], tokenizer)[0]
+    assert len(row["input_ids"]) == 128
+
+
+def test_collator_pads_dynamically(tokenizer):
+    rows = prepare([{"prompt": "a\n", "output": "b"}, {"prompt": "sort 3 2 1\n", "output": "1 2 3"}], tokenizer)
+    batch = DistillCollator(tokenizer.pad_token_id)([rows[0], rows[1]])
+    longest = max(len(rows[0]["input_ids"]), len(rows[1]["input_ids"]))
+    assert batch["input_ids"].shape == (2, longest)
+    short = len(rows[0]["input_ids"])
+    assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (longest - short)
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
+
+
+def test_jsonl_file_loads(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "output": "o"}])
+    assert load_raw_dataset(str(path))[0] == {"prompt": "p", "output": "o"}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "datasets").is_dir(), reason="../shared/data is not checked out beside the repo")
+def test_minillm_dolly_file_prepares_with_the_gpt2_tokenizer():
+    tokenizer = load_tokenizer(str(SHARED_DATA / "tokenizers" / "gpt2"))
+    dataset = load_raw_dataset(str(SHARED_DATA / "datasets" / "minillm-kd-eval" / "dolly" / "valid.jsonl"))
+    fmt = resolve_format(dataset.column_names, "prompt", None, "messages")
+    prepared = prepare_dataset(dataset.select(range(200)), tokenizer, fmt, 256, 512, drop_overlong_prompts=True)
+    assert 150 < len(prepared) <= 200
+    assert all(any(label != IGNORE_INDEX for label in row) for row in prepared["labels"])
