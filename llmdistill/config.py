@@ -49,7 +49,12 @@ class DistillConfig(TrainingArguments):
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_eval_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (optional)."})
+    dataset_eval_split: str | None = field(
+        default=None, metadata={"help": "Hub dataset split to evaluate on (optional)."}
+    )
+    eval_dataset_name_or_path: str | None = field(
+        default=None, metadata={"help": "Evaluation data in its own file or folder (optional)."}
+    )
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt text."})
     response_column: str | None = field(
         default=None,

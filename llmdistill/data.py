@@ -34,6 +34,11 @@ class ExampleFormat:
 def load_raw_dataset(name_or_path: str, split: str = "train", config_name: str | None = None) -> datasets.Dataset:
     """A JSONL/JSON file, a folder written by `Dataset.save_to_disk`, or a hub dataset name."""
     path = Path(name_or_path)
+    if path.exists() and split != "train":
+        raise DataError(
+            f"split {split!r} cannot be taken from the local dataset {path}: a file or saved folder is one split. "
+            "Give the evaluation data its own file (eval_dataset_name_or_path)."
+        )
     if path.is_file():
         if path.suffix not in (".jsonl", ".json"):
             raise DataError(f"dataset file {path} must be .jsonl or .json.")
@@ -184,4 +189,5 @@ class DistillCollator:
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
             labels[row, :length] = torch.as_tensor(feature["labels"])
             attention_mask[row, :length] = 1
+        labels[:, 0] = IGNORE_INDEX  # nothing predicts the first token; the Trainer's token count must agree
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -49,9 +49,18 @@ class DistillTrainer(Trainer):
                 _tokenizer_source(args.teacher_tokenizer_name_or_path, teacher, "teacher"), args.trust_remote_code
             )
             _check_same_tokens(args.objective, teacher_tokenizer, tokenizer)
-        train_dataset = self._tokenised(train_dataset, args, tokenizer, args.dataset_train_split, "train")
-        if eval_dataset is not None or args.dataset_eval_split:
-            eval_dataset = self._tokenised(eval_dataset, args, tokenizer, args.dataset_eval_split, "eval")
+        train_dataset = self._tokenised(
+            train_dataset, args.dataset_name_or_path, args.dataset_train_split, args, tokenizer, "train"
+        )
+        if eval_dataset is not None or args.eval_dataset_name_or_path or args.dataset_eval_split:
+            eval_dataset = self._tokenised(
+                eval_dataset,
+                args.eval_dataset_name_or_path or args.dataset_name_or_path,
+                "train" if args.eval_dataset_name_or_path else args.dataset_eval_split,
+                args,
+                tokenizer,
+                "eval",
+            )
 
         if isinstance(student, str):
             student = load_model(student, args.model_dtype, args.trust_remote_code)
@@ -83,11 +92,11 @@ class DistillTrainer(Trainer):
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
     @staticmethod
-    def _tokenised(dataset, args: DistillConfig, tokenizer, split: str | None, name: str):
+    def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str):
         if dataset is None:
-            if not args.dataset_name_or_path:
+            if not source:
                 raise ValueError(f"no {name} data: pass {name}_dataset= or set dataset_name_or_path.")
-            dataset = load_raw_dataset(args.dataset_name_or_path, split, args.dataset_config_name)
+            dataset = load_raw_dataset(source, split, args.dataset_config_name)
         if {"input_ids", "labels"} <= set(dataset.column_names):
             return dataset
         fmt = resolve_format(dataset.column_names, args.prompt_column, args.response_column, args.messages_column)

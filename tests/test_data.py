@@ -70,9 +70,17 @@ def test_messages_without_chat_template_use_a_plain_rendering(tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b a"}]
     row = prepare([{"messages": messages}], tokenizer, ExampleFormat(messages_column="messages"))[0]
     start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
-    # the prompt's trailing space merges into the response's first token, which is learned, not dropped
-    assert tokenizer.decode(row["input_ids"][:start]) == "user: hi\nassistant:"
-    assert tokenizer.decode(row["input_ids"][start:], skip_special_tokens=True) == " b a"
+    assert tokenizer.decode(row["input_ids"][:start]) == "user: hi\nassistant: "
+    assert tokenizer.decode(row["input_ids"][start:], skip_special_tokens=True) == "b a"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "tokenizers").is_dir(), reason="../shared/data is not checked out beside the repo")
+def test_a_token_straddling_prompt_and_response_is_learned_not_dropped():
+    gpt2 = load_tokenizer(str(SHARED_DATA / "tokenizers" / "gpt2"))
+    row = prepare([{"prompt": "Answer: ", "output": "blue sky"}], gpt2)[0]
+    start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    assert gpt2.decode(row["input_ids"][:start]) == "Answer:"  # GPT-2 merges the space into " blue"
+    assert gpt2.decode(row["input_ids"][start:-1]) == " blue sky"
 
 
 def test_empty_response_is_reported_with_its_row(tokenizer):
@@ -117,3 +125,14 @@ def test_minillm_dolly_file_prepares_with_the_gpt2_tokenizer():
     prepared = prepare_dataset(dataset.select(range(200)), tokenizer, fmt, 256, 512, drop_overlong_prompts=True)
     assert 150 < len(prepared) <= 200
     assert all(any(label != IGNORE_INDEX for label in row) for row in prepared["labels"])
+
+
+def test_a_split_of_a_local_file_is_refused_not_ignored(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "output": "o"}])
+    with pytest.raises(DataError, match="eval_dataset_name_or_path"):
+        load_raw_dataset(str(path), split="test")
+
+
+def test_collator_never_labels_the_first_position(tokenizer):
+    feature = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    assert DistillCollator(tokenizer.pad_token_id)([feature])["labels"][0].tolist() == [IGNORE_INDEX, 6, 7]

@@ -15,7 +15,11 @@ from llmdistill.data import DistillCollator
 from conftest import tiny_gpt2, tiny_llama
 
 
-def make_trainer(tmp_path, tokenizer, examples, teacher=None, student=None, **overrides):
+def as_rows(examples):
+    return datasets.Dataset.from_list([{"prompt": e["prompt"], "output": e["response"]} for e in examples])
+
+
+def make_trainer(tmp_path, tokenizer, examples, teacher=None, student=None, eval_examples=None, **overrides):
     options = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=1, learning_rate=1.0,
         optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to=[], use_cpu=True,
@@ -23,11 +27,11 @@ def make_trainer(tmp_path, tokenizer, examples, teacher=None, student=None, **ov
     )
     options.update(overrides)
     config = DistillConfig(**options)
-    rows = datasets.Dataset.from_list([{"prompt": e["prompt"], "output": e["response"]} for e in examples])
     return DistillTrainer(
         model=student if student is not None else tiny_llama(len(tokenizer), seed=1),
         teacher=teacher if teacher is not None else tiny_gpt2(len(tokenizer)),
-        args=config, train_dataset=rows, processing_class=tokenizer, teacher_processing_class=tokenizer,
+        args=config, train_dataset=as_rows(examples), eval_dataset=as_rows(eval_examples) if eval_examples else None,
+        processing_class=tokenizer, teacher_processing_class=tokenizer,
     )
 
 
@@ -130,7 +134,7 @@ def test_different_tokenizers_are_refused_for_vanilla_kd(tmp_path, tokenizer, ex
 
     other = train_tokenizer([e["response"] for e in examples], vocab_size=280)
     config = DistillConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    rows = datasets.Dataset.from_list([{"prompt": e["prompt"], "output": e["response"]} for e in examples])
+    rows = as_rows(examples)
     with pytest.raises(ValueError, match="cross-tokenizer objective"):
         DistillTrainer(
             model=tiny_llama(len(tokenizer)), teacher="never-loaded", args=config, train_dataset=rows,
@@ -155,8 +159,15 @@ def test_saved_student_is_a_plain_hf_folder_that_generates(tmp_path, tokenizer, 
 
 def test_sft_objective_needs_no_teacher(tmp_path, tokenizer, examples):
     config = DistillConfig(output_dir=str(tmp_path), objective="sft", max_steps=1, report_to=[], use_cpu=True)
-    rows = datasets.Dataset.from_list([{"prompt": e["prompt"], "output": e["response"]} for e in examples])
-    trainer = DistillTrainer(model=tiny_llama(len(tokenizer)), args=config, train_dataset=rows, processing_class=tokenizer)
+    trainer = DistillTrainer(
+        model=tiny_llama(len(tokenizer)), args=config, train_dataset=as_rows(examples), processing_class=tokenizer
+    )
     assert trainer.teacher is None
     trainer.train()
     assert "kd" not in trainer.state.log_history[0]
+
+
+def test_evaluate_reports_loss_and_terms(tmp_path, tokenizer, examples):
+    trainer = make_trainer(tmp_path, tokenizer, examples, eval_examples=examples[:8])
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and metrics["eval_ce"] > 0 and metrics["eval_kd"] >= 0

@@ -9,30 +9,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-COLUMNS = (
-    ("exact_match", "exact match % ↑"),
-    ("rouge_l", "ROUGE-L ↑"),
-    ("teacher_student_kl", "teacher→student KL ↓"),
-    ("top1_agreement", "top-1 agreement % ↑"),
-    ("parameters", "parameters"),
+COLUMNS = (  # key, header, number format
+    ("exact_match", "exact match % ↑", "{:.1f}"),
+    ("rouge_l", "ROUGE-L ↑", "{:.1f}"),
+    ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
+    ("top1_agreement", "top-1 agreement % ↑", "{:.1f}"),
+    ("parameters", "parameters", "{:,}"),
 )
 
 
 def results_table(results: dict) -> str:
-    header = "| model | " + " | ".join(title for _, title in COLUMNS) + " |"
+    header = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in results["models"].items():
-        cells = [_format(row.get(key)) for key, _ in COLUMNS]
+        cells = ["—" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _format(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:

@@ -31,17 +31,20 @@ class QuickstartSettings:
     teacher_steps: int
     student_steps: int
     batch_size: int
-    learning_rate: float
+    teacher_learning_rate: float
+    student_learning_rate: float
     max_new_tokens: int
 
 
 DEFAULT = QuickstartSettings(
-    n_train=3000, n_eval=100, vocab_size=512, teacher_shape=(192, 4, 4), student_shape=(96, 2, 2),
-    teacher_steps=500, student_steps=300, batch_size=16, learning_rate=3e-3, max_new_tokens=160,
+    n_train=3000, n_eval=100, vocab_size=512, teacher_shape=(128, 4, 4), student_shape=(64, 2, 2),
+    teacher_steps=1100, student_steps=300, batch_size=16, teacher_learning_rate=2e-3, student_learning_rate=3e-3,
+    max_new_tokens=160,
 )
 SMOKE = QuickstartSettings(
     n_train=64, n_eval=8, vocab_size=300, teacher_shape=(32, 1, 2), student_shape=(16, 1, 2),
-    teacher_steps=3, student_steps=3, batch_size=8, learning_rate=3e-3, max_new_tokens=16,
+    teacher_steps=3, student_steps=3, batch_size=8, teacher_learning_rate=1e-3, student_learning_rate=3e-3,
+    max_new_tokens=16,
 )
 DATA_FORMAT = ExampleFormat(prompt_column="prompt", response_column="response")
 
@@ -57,7 +60,8 @@ def run_quickstart(output_dir: str | Path = "llmdistill-quickstart", seed: int =
     histories = {"teacher": json.loads((teacher_dir / "log_history.json").read_text())}
     for name, objective in (("student-sft", "sft"), ("student-kd", "vanilla")):
         histories[name] = _train(
-            out / name, student_init, teacher_dir, objective, tokenizer, train_rows, settings, seed, settings.student_steps
+            out / name, student_init, teacher_dir, objective, tokenizer, train_rows, settings, seed,
+            settings.student_steps, settings.student_learning_rate,
         )
     results = _evaluate(out, tokenizer, eval_rows, settings)
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
@@ -85,7 +89,10 @@ def _teacher(out: Path, tokenizer, rows, settings: QuickstartSettings, seed: int
         print(f"reusing the teacher in {teacher_dir}")
         return teacher_dir
     init_dir = _save_init(out / "teacher-init", tokenizer, settings.teacher_shape, seed)
-    _train(teacher_dir, init_dir, None, "sft", tokenizer, rows, settings, seed, settings.teacher_steps)
+    _train(
+        teacher_dir, init_dir, None, "sft", tokenizer, rows, settings, seed,
+        settings.teacher_steps, settings.teacher_learning_rate,
+    )
     stamp.write_text(fingerprint)
     return teacher_dir
 
@@ -104,13 +111,15 @@ def _save_init(directory: Path, tokenizer, shape: tuple[int, int, int], seed: in
     return directory
 
 
-def _train(directory, student_dir, teacher_dir, objective, tokenizer, rows, settings, seed, steps) -> list[dict]:
+def _train(
+    directory, student_dir, teacher_dir, objective, tokenizer, rows, settings, seed, steps, learning_rate
+) -> list[dict]:
     print(f"training {directory.name} ({objective}, {steps} steps)")
     config = DistillConfig(
         output_dir=str(directory), objective=objective, alpha_kd=0.5, divergence="fkl",
         student_model_name_or_path=str(student_dir),
         teacher_model_name_or_path=str(teacher_dir) if teacher_dir else None,
-        max_steps=steps, per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        max_steps=steps, per_device_train_batch_size=settings.batch_size, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(steps // 20, 1), weight_decay=0.0, logging_steps=max(steps // 25, 1),
         seed=seed, report_to=[], disable_tqdm=True, use_cpu=True,
     )

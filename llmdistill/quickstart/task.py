@@ -2,9 +2,9 @@
 
 Every sub-task is deterministic and rule-based over small alphabets and small
 numbers, so a tiny transformer can learn it from a couple of thousand examples.
-Response lengths range from one character (``lookup``, ``count``) to ~150
-tokens (``arithmetic``) and ~400 characters (``uppercase``), so that the
-quality of long generations shows up in the evaluation.
+Response lengths range from one token (``lookup``, ``count``) to ~125 tokens
+(``arithmetic``, written out step by step), so that the quality of long
+generations shows up in the evaluation.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
     total = rng.randint(1, 30)
     expression = [str(total)]
     steps = []
-    for _ in range(rng.randint(2, 13)):
-        operand = rng.randint(1, 30)
+    for _ in range(rng.randint(2, 10)):
+        operand = rng.randint(1, 9)
         if total + operand > MAX_TOTAL or (total >= operand and rng.random() < 0.5):
             operator, result = "-", total - operand
         else:
@@ -51,16 +51,16 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
 def _reverse(rng: random.Random) -> tuple[str, str]:
     if rng.random() < 0.5:
         # Space-separated letters tokenize one letter per token, which keeps reversal learnable.
-        items = rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))
+        items = rng.choices(string.ascii_lowercase, k=rng.randint(3, 6))
         phrasing = rng.choice(("Reverse the letters: {}", "Write these letters backwards: {}"))
     else:
-        items = rng.choices(WORDS, k=rng.randint(2, 6))
+        items = rng.choices(WORDS, k=rng.randint(2, 5))
         phrasing = rng.choice(("Reverse the order of these words: {}", "Write these words backwards: {}"))
     return phrasing.format(" ".join(items)), " ".join(reversed(items))
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 8))]
+    numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
     phrasing = rng.choice((
         "Sort in ascending order: {}",
         "Sort these numbers from smallest to largest: {}",
@@ -84,8 +84,8 @@ def _lookup(rng: random.Random) -> tuple[str, str]:
 
 
 def _count(rng: random.Random) -> tuple[str, str]:
-    letters = rng.choices("abcde", k=rng.randint(5, 15))
-    target = rng.choice("abcde")
+    letters = rng.choices("abc", k=rng.randint(4, 9))
+    target = rng.choice("abc")
     phrasing = rng.choice((
         "How many times does {target} appear in: {letters}?",
         "Count the letter {target} in: {letters}",
@@ -96,7 +96,7 @@ def _count(rng: random.Random) -> tuple[str, str]:
 
 def _repeat(rng: random.Random) -> tuple[str, str]:
     word = rng.choice(WORDS)
-    times = rng.randint(2, 9)
+    times = rng.randint(2, 6)
     phrasing = rng.choice((
         "Repeat the word {word} {times} times.",
         "Write {word} {times} times.",
@@ -106,7 +106,7 @@ def _repeat(rng: random.Random) -> tuple[str, str]:
 
 
 def _uppercase(rng: random.Random) -> tuple[str, str]:
-    text = " ".join(rng.choices(WORDS, k=rng.randint(3, 75)))
+    text = " ".join(rng.choices(WORDS, k=rng.randint(3, 35)))
     phrasing = rng.choice(("Convert to uppercase: {}", "Write in capital letters: {}"))
     return phrasing.format(text), text.upper()
 

@@ -13,10 +13,11 @@ EOS_TOKEN = "<eos>"
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # One token per digit makes multi-digit arithmetic learnable for a tiny model.
-    # No prefix space and no offset trimming: offsets are exact spans of the input,
-    # leading space included (" cat" -> the span of " cat").
+    # Spaces are tokens of their own, so a word is the same token wherever it stands (first in the response or
+    # after a space in the prompt) and copying is exact token copying; one token per digit makes arithmetic
+    # learnable. No prefix space and no offset trimming: offsets are exact spans of the input.
     return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True),
     ])

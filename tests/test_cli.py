@@ -1,0 +1,65 @@
+"""End to end through the console script: `llmdistill train` on tiny real models saved to folders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmdistill", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def write_config(tmp_path, teacher_dir, student_dir, train_file, **options):
+    config = {
+        "teacher_model_name_or_path": str(teacher_dir),
+        "student_model_name_or_path": str(student_dir),
+        "dataset_name_or_path": str(train_file),
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "divergence": "jsd",
+        "report_to": [],
+        "use_cpu": True,
+        **options,
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_from_yaml_saves_a_loadable_student_that_generates(tmp_path, model_dirs, train_file):
+    teacher_dir, student_dir = model_dirs
+    config = write_config(tmp_path, teacher_dir, student_dir, train_file)
+    result = run_cli("train", str(config), "--alpha_kd", "0.7", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    out = tmp_path / "run"
+    student = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert student.config.model_type == "llama"
+    prompt = tokenizer("### Instruction:\nSort 2, 1\n\n### Response:\n", return_tensors="pt")
+    generated = student.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 4 or tokenizer.eos_token_id in generated[0]
+    resolved = yaml.safe_load((out / "distill_config.yaml").read_text())
+    assert resolved["alpha_kd"] == 0.7 and resolved["divergence"] == "jsd"
+
+
+def test_bad_option_fails_before_training_with_a_clear_message(tmp_path, model_dirs, train_file):
+    teacher_dir, student_dir = model_dirs
+    config = write_config(tmp_path, teacher_dir, student_dir, train_file)
+    result = run_cli("train", str(config), "--divergence", "kl", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "unknown divergence 'kl'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_student_is_named(tmp_path, train_file):
+    result = run_cli("train", "--dataset_name_or_path", str(train_file), "--use_cpu", "true", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "student_model_name_or_path" in result.stderr

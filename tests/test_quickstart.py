@@ -1,0 +1,22 @@
+"""The quickstart's code path in its reduced (smoke) mode: outputs written, teacher reused on a second run."""
+
+from __future__ import annotations
+
+import json
+
+from llmdistill.quickstart.run import run_quickstart
+
+
+def test_smoke_quickstart_writes_results_and_reuses_the_teacher(tmp_path, capsys):
+    results = run_quickstart(tmp_path, smoke=True)
+    assert set(results["models"]) == {"teacher", "student-sft", "student-kd"}
+    for name in ("results.json", "results.md", "training_curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["models"] == results["models"]
+    kd = results["models"]["student-kd"]
+    assert 0 <= kd["top1_agreement"] <= 100 and kd["teacher_student_kl"] >= 0
+    teacher_weights = (tmp_path / "teacher" / "model.safetensors").stat().st_mtime_ns
+
+    run_quickstart(tmp_path, smoke=True)
+    assert "reusing the teacher" in capsys.readouterr().out
+    assert (tmp_path / "teacher" / "model.safetensors").stat().st_mtime_ns == teacher_weights
