@@ -88,7 +88,9 @@ class DistillConfig(TrainingArguments):
     )
 
     # Trainer defaults that suit distillation
-    output_dir: str | None = field(default="runs/llmdistill", metadata={"help": "Where checkpoints and the student go."})
+    output_dir: str | None = field(
+        default="runs/llmdistill", metadata={"help": "Where checkpoints and the student go."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the collator needs the tokenised columns."}
     )

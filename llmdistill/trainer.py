@@ -14,7 +14,7 @@ from .config import DistillConfig
 from .data import IGNORE_INDEX, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
 from .models import freeze, load_model, load_tokenizer, supervised_logits
 from .objectives import OBJECTIVES
-from .vocab import compare_vocabularies, same_tokens
+from .vocab import same_tokens, shared_vocab_size
 
 
 class DistillTrainer(Trainer):
@@ -82,11 +82,9 @@ class DistillTrainer(Trainer):
             if isinstance(teacher, str):
                 teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
             self.teacher = freeze(teacher).to(self.args.device)
-            relation = compare_vocabularies(
-                teacher_tokenizer, tokenizer, _head_rows(self.teacher), _head_rows(self.model)
-            )
+            shared = shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))
             self.objective = OBJECTIVES[args.objective](
-                args.divergence_params(), relation.shared_size, args.scale_kd_by_temperature_squared
+                args.divergence_params(), shared, args.scale_kd_by_temperature_squared
             )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()

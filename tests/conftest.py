@@ -13,6 +13,9 @@ from llmdistill.quickstart.task import make_examples
 from llmdistill.quickstart.tokenizer import train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason="../shared/data (real tokenizers and datasets) is not beside the checkout"
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +30,10 @@ def tokenizer(examples):
 
 def tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
     return GPT2LMHeadModel(config)
 
 

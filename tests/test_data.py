@@ -16,7 +16,7 @@ from llmdistill.data import (
 )
 from llmdistill.models import load_tokenizer
 
-from conftest import SHARED_DATA, write_jsonl
+from conftest import SHARED_DATA, needs_shared_data, write_jsonl
 
 PROMPT_OUTPUT = ExampleFormat(prompt_column="prompt", response_column="output")
 
@@ -74,7 +74,7 @@ def test_messages_without_chat_template_use_a_plain_rendering(tokenizer):
     assert tokenizer.decode(row["input_ids"][start:], skip_special_tokens=True) == "b a"
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "tokenizers").is_dir(), reason="../shared/data is not checked out beside the repo")
+@needs_shared_data
 def test_a_token_straddling_prompt_and_response_is_learned_not_dropped():
     gpt2 = load_tokenizer(str(SHARED_DATA / "tokenizers" / "gpt2"))
     row = prepare([{"prompt": "Answer: ", "output": "blue sky"}], gpt2)[0]
@@ -117,7 +117,7 @@ def test_jsonl_file_loads(tmp_path):
     assert load_raw_dataset(str(path))[0] == {"prompt": "p", "output": "o"}
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "datasets").is_dir(), reason="../shared/data is not checked out beside the repo")
+@needs_shared_data
 def test_minillm_dolly_file_prepares_with_the_gpt2_tokenizer():
     tokenizer = load_tokenizer(str(SHARED_DATA / "tokenizers" / "gpt2"))
     dataset = load_raw_dataset(str(SHARED_DATA / "datasets" / "minillm-kd-eval" / "dolly" / "valid.jsonl"))

@@ -11,7 +11,7 @@ class VanillaKD:
     """Sum over supervised positions of D(teacher || student), over the first `shared_vocab_size` ids.
 
     Same-tokenizer models whose heads have different padded row counts (Qwen2.5-7B: 152,064, 1.5B: 151,936)
-    are compared on the ids both heads have; `vocab.compare_vocabularies` checks that this is safe.
+    are compared on the ids both heads have; `vocab.shared_vocab_size` checks that this is safe.
     """
 
     def __init__(self, divergence_params: dict, shared_vocab_size: int, temperature_squared: bool = False):

@@ -47,23 +47,33 @@ SMOKE = QuickstartSettings(
     max_new_tokens=16,
 )
 DATA_FORMAT = ExampleFormat(prompt_column="prompt", response_column="response")
+MAX_PROMPT_LENGTH, MAX_LENGTH = 256, 512
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    objective: str
+    steps: int
+    learning_rate: float
+    batch_size: int
 
 
 def run_quickstart(output_dir: str | Path = "llmdistill-quickstart", seed: int = 0, smoke: bool = False) -> dict:
-    """Writes the task, models, results.json, results.md and training_curves.png under `output_dir`."""
+    """Writes the task (data/*.jsonl), the models, results.json, results.md and training_curves.png."""
     settings, out = (SMOKE if smoke else DEFAULT), Path(output_dir)
     started = time.perf_counter()
     train_rows, eval_rows = make_splits(seed, settings.n_train, settings.n_eval)
+    for name, rows in (("train", train_rows), ("held_out", eval_rows)):
+        _write_jsonl(out / "data" / f"{name}.jsonl", rows)
     tokenizer = _tokenizer(out / "tokenizer", train_rows, settings.vocab_size)
-    teacher_dir = _teacher(out, tokenizer, train_rows, settings, seed)
+    train_set = _tokenised(train_rows, tokenizer, "train")
+    teacher_dir = _teacher(out, tokenizer, train_set, settings, seed)
     student_init = _save_init(out / "student-init", tokenizer, settings.student_shape, seed + 1)
     histories = {"teacher": json.loads((teacher_dir / "log_history.json").read_text())}
     for name, objective in (("student-sft", "sft"), ("student-kd", "vanilla")):
-        histories[name] = _train(
-            out / name, student_init, teacher_dir, objective, tokenizer, train_rows, settings, seed,
-            settings.student_steps, settings.student_learning_rate,
-        )
-    results = _evaluate(out, tokenizer, eval_rows, settings)
+        run = TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size)
+        histories[name] = _train(out / name, student_init, teacher_dir, run, tokenizer, train_set, seed)
+    results = _evaluate(out, tokenizer, eval_rows, settings.max_new_tokens)
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     table = results_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -74,13 +84,24 @@ def run_quickstart(output_dir: str | Path = "llmdistill-quickstart", seed: int =
     return results
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _tokenised(rows: list[dict], tokenizer, name: str) -> datasets.Dataset:
+    return prepare_dataset(
+        datasets.Dataset.from_list(rows), tokenizer, DATA_FORMAT, MAX_PROMPT_LENGTH, MAX_LENGTH, name=name
+    )
+
+
 def _tokenizer(directory: Path, rows: list[dict], vocab_size: int):
     if not (directory / "tokenizer.json").is_file():
         train_tokenizer([row["prompt"] + row["response"] for row in rows], vocab_size).save_pretrained(directory)
     return AutoTokenizer.from_pretrained(directory)
 
 
-def _teacher(out: Path, tokenizer, rows, settings: QuickstartSettings, seed: int) -> Path:
+def _teacher(out: Path, tokenizer, train_set, settings: QuickstartSettings, seed: int) -> Path:
     """Trains the teacher once; a later run with the same settings and seed reuses it."""
     teacher_dir = out / "teacher"
     fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(settings), seed]).encode()).hexdigest()
@@ -89,10 +110,8 @@ def _teacher(out: Path, tokenizer, rows, settings: QuickstartSettings, seed: int
         print(f"reusing the teacher in {teacher_dir}")
         return teacher_dir
     init_dir = _save_init(out / "teacher-init", tokenizer, settings.teacher_shape, seed)
-    _train(
-        teacher_dir, init_dir, None, "sft", tokenizer, rows, settings, seed,
-        settings.teacher_steps, settings.teacher_learning_rate,
-    )
+    run = TrainingRun("sft", settings.teacher_steps, settings.teacher_learning_rate, settings.batch_size)
+    _train(teacher_dir, init_dir, None, run, tokenizer, train_set, seed)
     stamp.write_text(fingerprint)
     return teacher_dir
 
@@ -111,20 +130,31 @@ def _save_init(directory: Path, tokenizer, shape: tuple[int, int, int], seed: in
     return directory
 
 
-def _train(
-    directory, student_dir, teacher_dir, objective, tokenizer, rows, settings, seed, steps, learning_rate
-) -> list[dict]:
-    print(f"training {directory.name} ({objective}, {steps} steps)")
+def _train(directory: Path, student_dir: Path, teacher_dir: Path | None, run: TrainingRun, tokenizer, train_set, seed):
+    """Trains one model with DistillTrainer and returns its log history (also saved beside it)."""
+    print(f"training {directory.name} ({run.objective}, {run.steps} steps)")
     config = DistillConfig(
-        output_dir=str(directory), objective=objective, alpha_kd=0.5, divergence="fkl",
+        output_dir=str(directory),
+        objective=run.objective,
+        alpha_kd=0.5,
+        divergence="fkl",
         student_model_name_or_path=str(student_dir),
         teacher_model_name_or_path=str(teacher_dir) if teacher_dir else None,
-        max_steps=steps, per_device_train_batch_size=settings.batch_size, learning_rate=learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=max(steps // 20, 1), weight_decay=0.0, logging_steps=max(steps // 25, 1),
-        seed=seed, report_to=[], disable_tqdm=True, use_cpu=True,
+        max_steps=run.steps,
+        per_device_train_batch_size=run.batch_size,
+        learning_rate=run.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(run.steps // 20, 1),
+        weight_decay=0.0,
+        logging_steps=max(run.steps // 25, 1),
+        seed=seed,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
     )
-    dataset = prepare_dataset(datasets.Dataset.from_list(rows), tokenizer, DATA_FORMAT, config.max_prompt_length, config.max_length)
-    trainer = DistillTrainer(args=config, train_dataset=dataset, processing_class=tokenizer, teacher_processing_class=tokenizer)
+    trainer = DistillTrainer(
+        args=config, train_dataset=train_set, processing_class=tokenizer, teacher_processing_class=tokenizer
+    )
     trainer.train()
     trainer.save_model()
     history = trainer.state.log_history
@@ -132,15 +162,15 @@ def _train(
     return history
 
 
-def _evaluate(out: Path, tokenizer, eval_rows: list[dict], settings: QuickstartSettings) -> dict:
+def _evaluate(out: Path, tokenizer, eval_rows: list[dict], max_new_tokens: int) -> dict:
     prompts = [row["prompt"] for row in eval_rows]
     references = [row["response"] for row in eval_rows]
-    held_out = prepare_dataset(datasets.Dataset.from_list(eval_rows), tokenizer, DATA_FORMAT, 256, 512, name="held-out")
+    held_out = _tokenised(eval_rows, tokenizer, "held-out")
     teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")
     results = {"models": {}}
     for name in ("teacher", "student-sft", "student-kd"):
         model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(out / name)
-        predictions = generate_responses(model, tokenizer, prompts, settings.max_new_tokens)
+        predictions = generate_responses(model, tokenizer, prompts, max_new_tokens)
         row = {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
         if name != "teacher":
             row |= teacher_student_fidelity(teacher, model, held_out, tokenizer.pad_token_id, len(tokenizer))
