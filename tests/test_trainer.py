@@ -171,3 +171,14 @@ def test_evaluate_reports_loss_and_terms(tmp_path, tokenizer, examples):
     trainer = make_trainer(tmp_path, tokenizer, examples, eval_examples=examples[:8])
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and metrics["eval_ce"] > 0 and metrics["eval_kd"] >= 0
+
+
+def test_models_and_tokenizers_load_from_folders_as_in_the_readme(tmp_path, model_dirs, examples):
+    teacher_dir, student_dir = model_dirs
+    config = DistillConfig(output_dir=str(tmp_path / "out"), divergence="rkl", max_steps=1, report_to=[], use_cpu=True)
+    trainer = DistillTrainer(
+        student=str(student_dir), teacher=str(teacher_dir), args=config, train_dataset=as_rows(examples)
+    )
+    assert trainer.model.config.model_type == "llama" and trainer.teacher.config.model_type == "gpt2"
+    trainer.train()
+    assert trainer.state.log_history[0]["kd"] > 0
