@@ -135,10 +135,11 @@ class DistillTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def _record(self, ce_sum: torch.Tensor, kd_sum: torch.Tensor, tokens: int) -> None:
+        """Keeps per-token terms as tensors; `log` reads them, so a step waits on no device-to-host copy here."""
         metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["ce"].append(ce_sum.item() / tokens)
+        metrics["ce"].append(ce_sum.detach() / tokens)
         if self.teacher is not None:
-            metrics["kd"].append(kd_sum.item() / tokens)
+            metrics["kd"].append(kd_sum.detach() / tokens)
         if self.model.training:
             self._tokens_since_log += tokens
 
@@ -153,7 +154,7 @@ class DistillTrainer(Trainer):
         prefix = "eval_" if mode == "eval" else ""
         for key, values in self._metrics[mode].items():
             if values:
-                logs[f"{prefix}{key}"] = sum(values) / len(values)
+                logs[f"{prefix}{key}"] = torch.stack(values).mean().item()
         self._metrics[mode].clear()
         if mode == "train" and "loss" in logs:
             now = time.perf_counter()
