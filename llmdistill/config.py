@@ -86,6 +86,13 @@ class DistillConfig(TrainingArguments):
     scale_kd_by_temperature_squared: bool = field(
         default=False, metadata={"help": "Multiply the KD term by temperature² (Hinton); off as in the DSKD scripts."}
     )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Supervised positions per chunk of the loss (memory grows with chunk × vocabulary); by default "
+            "as many as keep one chunk's fp32 logits near 128 MiB."
+        },
+    )
 
     # Trainer defaults that suit distillation
     output_dir: str | None = field(
@@ -106,6 +113,8 @@ class DistillConfig(TrainingArguments):
         validate_divergence(self.divergence, self.jsd_beta, self.skew_alpha, self.akl_mu, self.temperature)
         if not 0.0 <= self.alpha_kd <= 1.0:
             raise ValueError(f"alpha_kd={self.alpha_kd} must lie in [0, 1] (0 = CE only, 1 = KD only).")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be ≥ 1, or unset to choose automatically.")
         if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(
                 f"model_dtype={self.model_dtype!r} is unknown: choose float32, bfloat16, float16 or auto."
@@ -122,7 +131,7 @@ class DistillConfig(TrainingArguments):
 
     def divergence_params(self) -> dict:
         return {
-            "name": self.divergence,
+            "divergence": self.divergence,
             "temperature": self.temperature,
             "beta": self.jsd_beta,
             "skew_alpha": self.skew_alpha,

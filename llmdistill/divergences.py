@@ -161,6 +161,18 @@ def divergence_per_position(
         )
     teacher_logprobs = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     student_logprobs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return divergence_from_logprobs(teacher_logprobs, student_logprobs, name, beta, skew_alpha, akl_mu)
+
+
+def divergence_from_logprobs(
+    teacher_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    name: str = "fkl",
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    akl_mu: float = 0.5,
+) -> torch.Tensor:
+    """The named divergence per position, passing it only the parameters it takes (inputs are not validated)."""
     divergence = DIVERGENCES[name]
     params = {"beta": beta, "skew_alpha": skew_alpha, "akl_mu": akl_mu}
     accepted = inspect.signature(divergence).parameters

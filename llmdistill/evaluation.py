@@ -9,8 +9,8 @@ from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import IGNORE_INDEX, DistillCollator
-from .divergences import divergence_per_position
-from .models import supervised_logits
+from .losses import distill_loss_from_hidden
+from .models import LMHead, supervised_hidden_states
 
 
 @torch.no_grad()
@@ -63,22 +63,22 @@ def teacher_student_fidelity(
     student: PreTrainedModel,
     tokenised_dataset,
     pad_token_id: int,
-    shared_vocab_size: int,
     batch_size: int = 16,
 ) -> dict[str, float]:
     """Per-token forward KL(teacher ‖ student) and top-1 agreement over the reference responses' tokens."""
     collate = DistillCollator(pad_token_id)
     device = next(student.parameters()).device
-    kl_sum, agreements, tokens = 0.0, 0, 0
+    kl_sum, agreements, tokens = 0.0, 0.0, 0
     for start in range(0, len(tokenised_dataset), batch_size):
         batch = collate([tokenised_dataset[i] for i in range(start, min(start + batch_size, len(tokenised_dataset)))])
         batch = {key: value.to(device) for key, value in batch.items()}
         supervised = batch["labels"][:, 1:] != IGNORE_INDEX
-        teacher_logits, student_logits = (
-            supervised_logits(m, batch["input_ids"], batch["attention_mask"], supervised)[:, :shared_vocab_size]
+        teacher_hidden, student_hidden = (
+            supervised_hidden_states(m, batch["input_ids"], batch["attention_mask"], supervised)
             for m in (teacher, student)
         )
-        kl_sum += divergence_per_position(teacher_logits, student_logits, "fkl").sum().item()
-        agreements += (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum().item()
-        tokens += int(supervised.sum())
+        sums = distill_loss_from_hidden(student_hidden, LMHead.of(student), teacher_hidden, LMHead.of(teacher))
+        kl_sum += sums.kd.item()
+        agreements += sums.top1_agreements.item()
+        tokens += sums.count
     return {"teacher_student_kl": kl_sum / tokens, "top1_agreement": 100.0 * agreements / tokens}

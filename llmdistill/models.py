@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -45,22 +47,37 @@ def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return outputs.hidden_states[-1]
 
 
-def supervised_logits(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, supervised: torch.Tensor, head_owner=None
+def supervised_hidden_states(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, supervised: torch.Tensor
 ) -> torch.Tensor:
-    """Logits [N, V] at the N positions that predict a supervised token (`supervised`: [B, T-1] mask).
+    """Hidden states [N, d] at the N positions that predict a supervised token (`supervised`: [B, T-1] mask).
 
-    Hidden states are gathered before the head, so no [B, T, V] tensor is built. `head_owner` is the unwrapped
-    model when `model` is a DDP/FSDP wrapper whose forward must still be the one called.
+    Gathered before any head, so no [B, T, V] logits are built; `losses` applies the heads chunk by chunk.
     """
-    hidden = last_hidden_states(model, input_ids, attention_mask)[:, :-1][supervised]
-    return logits_from_hidden(head_owner or model, hidden)
+    return last_hidden_states(model, input_ids, attention_mask)[:, :-1][supervised]
 
 
-def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own LM head on already-gathered hidden states, with final-logit soft-capping where it has one."""
-    logits = model.get_output_embeddings()(hidden)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+class LMHead(NamedTuple):
+    """An LM head as plain tensors: logits = softcap(hidden @ weight.T + bias)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> LMHead:
+        """The model's output layer, with final-logit soft-capping where its config has one (Gemma 2/3)."""
+        layer = model.get_output_embeddings()
+        return cls(layer.weight, layer.bias, getattr(model.config, "final_logit_softcapping", None) or None)
+
+    def logits(self, hidden: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Logits over the first `rows` vocabulary ids (all by default), in the head's dtype."""
+        return self.cap(self.linear(hidden, rows))
+
+    def linear(self, hidden: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """The logits before soft-capping."""
+        bias = None if self.bias is None else self.bias[:rows]
+        return torch.nn.functional.linear(hidden, self.weight[:rows], bias)
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap

@@ -7,12 +7,12 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from .config import DistillConfig
 from .data import IGNORE_INDEX, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
-from .models import freeze, load_model, load_tokenizer, supervised_logits
+from .losses import LossSums, distill_loss_from_hidden
+from .models import LMHead, freeze, load_model, load_tokenizer, supervised_hidden_states
 from .objectives import OBJECTIVES
 from .vocab import same_tokens, shared_vocab_size
 
@@ -82,9 +82,9 @@ class DistillTrainer(Trainer):
             if isinstance(teacher, str):
                 teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
             self.teacher = freeze(teacher).to(self.args.device)
-            shared = shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))
+            shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))  # raises if unsafe
             self.objective = OBJECTIVES[args.objective](
-                args.divergence_params(), shared, args.scale_kd_by_temperature_squared
+                args.divergence_params(), args.scale_kd_by_temperature_squared, args.loss_chunk_size
             )
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
@@ -112,34 +112,50 @@ class DistillTrainer(Trainer):
                 "a batch has no supervised (response) token: every label is -100. Each example needs at least one "
                 "response token; check the labels of pre-tokenised data."
             )
-        student_logits = supervised_logits(
-            model, input_ids, attention_mask, supervised, head_owner=self.accelerator.unwrap_model(model)
-        )
-        ce_sum = F.cross_entropy(student_logits.float(), targets[supervised], reduction="sum")
-        kd_sum = torch.zeros((), device=ce_sum.device)
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = supervised_logits(self.teacher, input_ids, attention_mask, supervised)
-            kd_sum = self.objective(student_logits, teacher_logits)
-        alpha = self.args.alpha_kd if self.teacher is not None else 0.0
+        student_hidden = supervised_hidden_states(model, input_ids, attention_mask, supervised)
+        student_head = LMHead.of(self.accelerator.unwrap_model(model))
         denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
-        loss = ((1 - alpha) * ce_sum + alpha * kd_sum) / denominator
+        sums = self._loss_sums(student_hidden, student_head, inputs, supervised, targets[supervised], denominator)
+        loss = sums.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"the loss is not finite (ce sum {ce_sum.item()}, kd sum {kd_sum.item()}): lower the learning rate "
+                f"the loss is not finite (ce sum {sums.ce.item()}, kd sum {sums.kd.item()}): lower the learning rate "
                 "or load the models in float32 (model_dtype)."
             )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; undo it
-        self._record(ce_sum, kd_sum, local_tokens)
+        self._record(sums, local_tokens)
         return (loss, None) if return_outputs else loss
 
-    def _record(self, ce_sum: torch.Tensor, kd_sum: torch.Tensor, tokens: int) -> None:
+    def _loss_sums(self, student_hidden, student_head, inputs, supervised, labels, denominator) -> LossSums:
+        """CE (and KD against the teacher) over the supervised positions, each sum weighted and divided by the step's
+        token count."""
+        if self.teacher is None:
+            return distill_loss_from_hidden(
+                student_hidden, student_head, labels=labels, ce_weight=1 / denominator, chunk_size=self.args.loss_chunk_size
+            )
+        with torch.no_grad():
+            teacher_hidden = supervised_hidden_states(
+                self.teacher, inputs["input_ids"], inputs["attention_mask"], supervised
+            )
+        alpha = self.args.alpha_kd
+        return self.objective(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            LMHead.of(self.teacher),
+            labels,
+            ce_weight=(1 - alpha) / denominator,
+            kd_weight=alpha / denominator,
+        )
+
+    def _record(self, sums: LossSums, tokens: int) -> None:
         """Keeps per-token terms as tensors; `log` reads them, so a step waits on no device-to-host copy here."""
         metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["ce"].append(ce_sum.detach() / tokens)
+        metrics["ce"].append(sums.ce / tokens)
         if self.teacher is not None:
-            metrics["kd"].append(kd_sum.detach() / tokens)
+            metrics["kd"].append(sums.kd / tokens)
+            metrics["top1_agreement"].append(100 * sums.top1_agreements / tokens)
         if self.model.training:
             self._tokens_since_log += tokens
 

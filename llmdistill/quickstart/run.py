@@ -173,7 +173,7 @@ def _evaluate(out: Path, tokenizer, eval_rows: list[dict], max_new_tokens: int) 
         predictions = generate_responses(model, tokenizer, prompts, max_new_tokens)
         row = {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
         if name != "teacher":
-            row |= teacher_student_fidelity(teacher, model, held_out, tokenizer.pad_token_id, len(tokenizer))
+            row |= teacher_student_fidelity(teacher, model, held_out, tokenizer.pad_token_id)
         row["parameters"] = model.num_parameters()
         results["models"][name] = row
     return results

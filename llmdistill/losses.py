@@ -1,0 +1,252 @@
+"""Memory-bounded distillation losses: both LM heads and the divergence applied chunk by chunk over positions.
+
+Callers gather the hidden states of the N supervised positions first, so no [B, T, V] tensor exists. Each
+chunk of positions then gets its logits, its loss terms and, when gradients are needed, the gradient of its
+weighted loss with respect to its student logits, folded at once into the gradients of the student hidden
+states and head. Backward only scales those stored gradients: no logits are recomputed, and the extra
+memory is O(chunk_size × V) plus one buffer the size of the student head (which its `.grad` needs anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .divergences import divergence_from_logprobs, validate_divergence
+from .models import LMHead
+
+# Elements of one chunk's [chunk, V] fp32 logits when chunk_size is not given: 2**25 is 128 MiB, large enough
+# for efficient matmuls and for the head-gradient accumulation not to dominate, small next to full logits.
+DEFAULT_CHUNK_ELEMENTS = 2**25
+
+
+class LossSums(NamedTuple):
+    """Sums over the N positions of one call. Only `loss` carries gradients."""
+
+    loss: torch.Tensor  # kd_weight · kd + ce_weight · ce
+    kd: torch.Tensor  # Σ D(teacher ‖ student); 0 without a teacher
+    ce: torch.Tensor  # Σ CE(student, labels); 0 without labels
+    top1_agreements: torch.Tensor  # positions where both argmaxes (over the shared ids) agree; 0 without a teacher
+    count: int  # N
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything about a call that is not a tensor autograd must route gradients to."""
+
+    divergence: str
+    divergence_params: dict
+    temperature: float
+    kd_weight: float
+    ce_weight: float
+    chunk_size: int
+    shared_rows: int  # KD compares the first min(V_T, V_S) ids (padded heads of one tokenizer)
+    student_softcap: float | None
+    teacher: LMHead | None
+
+
+def kd_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor | LMHead,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor | LMHead,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    **divergence_params,
+) -> tuple[torch.Tensor, int]:
+    """(Σ over positions of D(teacher ‖ student), N) without ever building [N, V] logits.
+
+    `*_hidden` are `[N, d]` / `[N, D]` hidden states of the supervised positions; `*_head` an LM head weight
+    `[V, d]` / `[V, D]` or an `LMHead` (bias, soft-capping). Heads with different row counts are compared over
+    the first min(V_T, V_S) ids. Gradients reach the student hidden states and head, never the teacher.
+    `divergence_params`: `beta` (jsd), `skew_alpha` (skl, srkl), `akl_mu` (akl).
+    """
+    sums = distill_loss_from_hidden(
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        divergence=divergence,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        **divergence_params,
+    )
+    return sums.loss, sums.count
+
+
+def distill_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor | LMHead,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | LMHead | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    **divergence_params,
+) -> LossSums:
+    """KD against the teacher and/or CE against `labels` ([N] ids, -100 ignored), fused in one chunked pass.
+
+    The student's logits are computed once per chunk for both terms. CE uses all student rows at temperature 1;
+    KD uses temperature `temperature` over the ids both heads have.
+    """
+    student_head, teacher_head = _as_head(student_head), _as_head(teacher_head)
+    spec = _spec(
+        student_hidden, student_head, teacher_hidden, teacher_head, labels, kd_weight, ce_weight, divergence,
+        temperature, chunk_size, divergence_params,
+    )
+    trainable = (student_hidden, student_head.weight, student_head.bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable):
+        loss, kd, ce, agreements = _ChunkedLoss.apply(spec, *trainable, teacher_hidden, labels)
+    else:
+        kd, ce, agreements, _ = _run_chunks(spec, *trainable, teacher_hidden, labels, needs_grad=(False,) * 3)
+        loss = kd_weight * kd + ce_weight * ce
+    return LossSums(loss, kd, ce, agreements, student_hidden.shape[0])
+
+
+def _as_head(head: torch.Tensor | LMHead | None) -> LMHead | None:
+    return LMHead(head) if isinstance(head, torch.Tensor) else head
+
+
+def _spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, kd_weight, ce_weight, divergence,
+          temperature, chunk_size, divergence_params) -> _Spec:
+    _check_inputs(student_hidden, student_head, teacher_hidden, teacher_head, labels)
+    unknown = set(divergence_params) - {"beta", "skew_alpha", "akl_mu"}
+    if unknown:
+        raise TypeError(f"unknown divergence parameter(s) {sorted(unknown)}: use beta, skew_alpha or akl_mu.")
+    validate_divergence(divergence, temperature=temperature, **divergence_params)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}.")
+    vocab = student_head.weight.shape[0]
+    shared_rows = vocab if teacher_head is None else min(vocab, teacher_head.weight.shape[0])
+    return _Spec(
+        divergence, divergence_params, temperature, kd_weight, ce_weight,
+        chunk_size or default_chunk_size(vocab), shared_rows, student_head.softcap, teacher_head,
+    )
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """The largest power of two whose [chunk, V] fp32 logits stay within DEFAULT_CHUNK_ELEMENTS (at least 16)."""
+    return max(16, 2 ** int(math.log2(max(DEFAULT_CHUNK_ELEMENTS // vocab_size, 1))))
+
+
+def _check_inputs(student_hidden, student_head, teacher_hidden, teacher_head, labels) -> None:
+    if student_hidden.dim() != 2 or student_hidden.shape[1] != student_head.weight.shape[1]:
+        raise ValueError(
+            f"student_hidden must be [N, d] with d = the student head's width {student_head.weight.shape[1]}, "
+            f"got {tuple(student_hidden.shape)}: gather the supervised positions before calling."
+        )
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("pass teacher_hidden and teacher_head together, or neither (CE only).")
+    if teacher_hidden is None and labels is None:
+        raise ValueError("nothing to compute: pass a teacher (teacher_hidden, teacher_head), labels, or both.")
+    n = student_hidden.shape[0]
+    if teacher_hidden is not None and (
+        teacher_hidden.dim() != 2 or teacher_hidden.shape != (n, teacher_head.weight.shape[1])
+    ):
+        raise ValueError(
+            f"teacher_hidden must be [N, D] = [{n}, {teacher_head.weight.shape[1]}] (one row per student row), "
+            f"got {tuple(teacher_hidden.shape)}."
+        )
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"labels must be [N] = [{n}] token ids, got {tuple(labels.shape)}.")
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Computes the gradients during forward, chunk by chunk; backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, spec, student_hidden, student_weight, student_bias, teacher_hidden, labels):
+        kd, ce, agreements, grads = _run_chunks(
+            spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, ctx.needs_input_grad[1:4]
+        )
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(kd, ce, agreements)
+        return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, agreements
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        grads = tuple(None if grad is None else grad * grad_loss.to(grad.dtype) for grad in ctx.saved_tensors)
+        return (None, *grads, None, None)
+
+
+def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, needs_grad):
+    """(kd, ce, agreements, (grad hidden, grad weight, grad bias)); a gradient is None where not needed."""
+    zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    kd, ce, agreements = zero.clone(), zero.clone(), zero.clone()
+    want_hidden, want_weight, want_bias = needs_grad
+    # Accumulated in fp32 whatever the head's dtype: many chunks add into every row.
+    grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if want_weight else None
+    grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if want_bias else None
+    grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
+    student = LMHead(student_weight, student_bias, spec.student_softcap)
+    for start in range(0, student_hidden.shape[0], spec.chunk_size):
+        rows = slice(start, start + spec.chunk_size)
+        hidden = student_hidden[rows]
+        chunk_kd, chunk_ce, chunk_agreements, grad_logits = _chunk(
+            spec,
+            student,
+            hidden,
+            None if teacher_hidden is None else teacher_hidden[rows],
+            None if labels is None else labels[rows],
+            any(needs_grad),
+        )
+        kd += chunk_kd
+        ce += chunk_ce
+        agreements += chunk_agreements
+        if want_hidden:
+            grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
+        if want_weight:
+            grad_weight.addmm_(grad_logits.T, hidden.detach().float())
+        if want_bias:
+            grad_bias += grad_logits.sum(0)
+    grads = (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(student_weight.dtype),
+        None if grad_bias is None else grad_bias.to(student_bias.dtype),
+    )
+    return kd, ce, agreements, grads
+
+
+def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels, needs_grad: bool):
+    """One chunk's (kd, ce, agreements, gradient of the weighted loss w.r.t. the raw student logits)."""
+    zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    with torch.no_grad():
+        # Logits in the heads' dtype, upcast per chunk (never the whole [N, V] tensor).
+        raw_student = student.linear(student_hidden.detach()).float()
+        teacher_logits = None
+        if spec.teacher is not None:
+            teacher_logits = spec.teacher.logits(teacher_hidden.detach(), spec.shared_rows).float()
+    raw_student.requires_grad_(needs_grad)
+    with torch.enable_grad() if needs_grad else nullcontext():
+        student_logits = student.cap(raw_student)
+        kd, ce, agreements = zero, zero, zero
+        if teacher_logits is not None:
+            shared_student = student_logits[:, : spec.shared_rows]
+            kd = divergence_from_logprobs(
+                _log_softmax(teacher_logits, spec.temperature),
+                _log_softmax(shared_student, spec.temperature),
+                spec.divergence,
+                **spec.divergence_params,
+            ).sum()
+            agreements = (teacher_logits.argmax(-1) == shared_student.detach().argmax(-1)).sum().float()
+        if labels is not None:
+            ce = F.cross_entropy(student_logits, labels, reduction="sum")
+        grad_logits = None
+        if needs_grad:
+            weighted = spec.kd_weight * kd + spec.ce_weight * ce
+            (grad_logits,) = torch.autograd.grad(weighted, raw_student)
+    return kd.detach(), ce.detach(), agreements, grad_logits
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
