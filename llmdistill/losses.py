@@ -181,12 +181,13 @@ class _ChunkedLoss(torch.autograd.Function):
 
 def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, needs_grad):
     """(kd, ce, agreements, (grad hidden, grad weight, grad bias)); a gradient is None where not needed."""
-    zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    dtype = torch.promote_types(student_weight.dtype, torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=student_hidden.device)
     kd, ce, agreements = zero.clone(), zero.clone(), zero.clone()
     want_hidden, want_weight, want_bias = needs_grad
-    # Accumulated in fp32 whatever the head's dtype: many chunks add into every row.
-    grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if want_weight else None
-    grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if want_bias else None
+    # Accumulated in at least fp32 whatever the head's dtype: many chunks add into every row.
+    grad_weight = torch.zeros_like(student_weight, dtype=dtype) if want_weight else None
+    grad_bias = torch.zeros_like(student_bias, dtype=dtype) if want_bias else None
     grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
     student = LMHead(student_weight, student_bias, spec.student_softcap)
     for start in range(0, student_hidden.shape[0], spec.chunk_size):
@@ -206,7 +207,7 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
         if want_hidden:
             grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
         if want_weight:
-            grad_weight.addmm_(grad_logits.T, hidden.detach().float())
+            grad_weight.addmm_(grad_logits.T, hidden.detach().to(dtype))
         if want_bias:
             grad_bias += grad_logits.sum(0)
     grads = (
@@ -219,17 +220,16 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
 
 def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels, needs_grad: bool):
     """One chunk's (kd, ce, agreements, gradient of the weighted loss w.r.t. the raw student logits)."""
-    zero = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     with torch.no_grad():
         # Logits in the heads' dtype, upcast per chunk (never the whole [N, V] tensor).
-        raw_student = student.linear(student_hidden.detach()).float()
+        raw_student = _at_least_fp32(student.linear(student_hidden.detach()))
         teacher_logits = None
         if spec.teacher is not None:
-            teacher_logits = spec.teacher.logits(teacher_hidden.detach(), spec.shared_rows).float()
+            teacher_logits = _at_least_fp32(spec.teacher.logits(teacher_hidden.detach(), spec.shared_rows))
     raw_student.requires_grad_(needs_grad)
     with torch.enable_grad() if needs_grad else nullcontext():
         student_logits = student.cap(raw_student)
-        kd, ce, agreements = zero, zero, zero
+        kd = ce = agreements = raw_student.new_zeros(())
         if teacher_logits is not None:
             shared_student = student_logits[:, : spec.shared_rows]
             kd = divergence_from_logprobs(
@@ -238,7 +238,7 @@ def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels,
                 spec.divergence,
                 **spec.divergence_params,
             ).sum()
-            agreements = (teacher_logits.argmax(-1) == shared_student.detach().argmax(-1)).sum().float()
+            agreements = (teacher_logits.argmax(-1) == shared_student.detach().argmax(-1)).sum().to(kd.dtype)
         if labels is not None:
             ce = F.cross_entropy(student_logits, labels, reduction="sum")
         grad_logits = None
@@ -246,6 +246,10 @@ def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels,
             weighted = spec.kd_weight * kd + spec.ce_weight * ce
             (grad_logits,) = torch.autograd.grad(weighted, raw_student)
     return kd.detach(), ce.detach(), agreements, grad_logits
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:

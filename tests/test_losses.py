@@ -1,0 +1,250 @@
+"""The chunked loss equals the plain full-logit computation (values and gradients) and never builds [N, V]."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llmdistill.divergences import divergence_per_position
+from llmdistill.losses import default_chunk_size, distill_loss_from_hidden, kd_loss_from_hidden
+from llmdistill.models import LMHead
+
+NAMES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"]
+PARAMS = {"beta": 0.3, "skew_alpha": 0.2, "akl_mu": 0.4}  # non-default, so dropped parameters are caught
+N, D_STUDENT, D_TEACHER, VOCAB = 53, 24, 40, 211  # N prime, V prime: no chunk size divides either
+
+
+def make_inputs(n=N, vocab_student=VOCAB, vocab_teacher=VOCAB, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=generator, dtype=dtype)  # noqa: E731
+    student_hidden = randn(n, D_STUDENT).requires_grad_()
+    student_weight = (randn(vocab_student, D_STUDENT) / 2).requires_grad_()
+    teacher_hidden = randn(n, D_TEACHER)
+    teacher_weight = randn(vocab_teacher, D_TEACHER) / 2
+    return student_hidden, student_weight, teacher_hidden, teacher_weight
+
+
+def full_logit_kd(student_hidden, student_head, teacher_hidden, teacher_head, name, temperature, **params):
+    """The obvious computation: both [N, V] logit tensors, then the divergence per position, summed."""
+    shared = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
+    student_logits = student_head.logits(student_hidden)[:, :shared]
+    teacher_logits = teacher_head.logits(teacher_hidden)[:, :shared]
+    return divergence_per_position(teacher_logits, student_logits, name, temperature, **params).sum()
+
+
+def assert_relatively_close(ours, reference, rel=1e-5):
+    """Largest deviation within `rel` of the reference's largest magnitude."""
+    scale = reference.detach().abs().max().clamp_min(1e-30)
+    error = (ours.detach() - reference.detach()).abs().max()
+    assert error <= rel * scale, f"max error {error.item():.3g} > {rel} × {scale.item():.3g}"
+
+
+def grads(value, tensors):
+    return torch.autograd.grad(value, tensors)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
+def test_loss_and_gradients_equal_the_full_logit_reference(name, temperature, chunk_size):
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    ours, count = kd_loss_from_hidden(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, name, temperature, chunk_size, **PARAMS
+    )
+    reference = full_logit_kd(
+        student_hidden, LMHead(student_weight), teacher_hidden, LMHead(teacher_weight), name, temperature, **PARAMS
+    )
+    assert count == N
+    assert_relatively_close(ours, reference)
+    for mine, theirs in zip(grads(ours, (student_hidden, student_weight)), grads(reference, (student_hidden, student_weight))):
+        assert_relatively_close(mine, theirs)
+
+
+@pytest.mark.parametrize("extra_teacher_rows, extra_student_rows", [(9, 0), (0, 9)])
+def test_padded_vocabulary_compares_the_shared_ids_and_trains_all_student_rows_with_ce(
+    extra_teacher_rows, extra_student_rows
+):
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(
+        vocab_student=VOCAB + extra_student_rows, vocab_teacher=VOCAB + extra_teacher_rows
+    )
+    labels = torch.randint(0, VOCAB + extra_student_rows, (N,), generator=torch.Generator().manual_seed(1))
+    sums = distill_loss_from_hidden(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kd_weight=0.3, ce_weight=0.7,
+        chunk_size=10,
+    )
+    kd = full_logit_kd(student_hidden, LMHead(student_weight), teacher_hidden, LMHead(teacher_weight), "fkl", 1.0)
+    ce = F.cross_entropy(student_hidden @ student_weight.T, labels, reduction="sum")
+    reference = 0.3 * kd + 0.7 * ce
+    assert_relatively_close(sums.loss, reference)
+    assert_relatively_close(sums.kd, kd)
+    assert_relatively_close(sums.ce, ce)
+    for mine, theirs in zip(grads(sums.loss, (student_hidden, student_weight)), grads(reference, (student_hidden, student_weight))):
+        assert_relatively_close(mine, theirs)
+
+
+def test_bias_and_soft_capping_heads_match_the_reference():
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    student_bias = torch.randn(VOCAB).requires_grad_()
+    student_head = LMHead(student_weight, student_bias, softcap=3.0)
+    teacher_head = LMHead(teacher_weight, torch.randn(VOCAB), softcap=5.0)
+    ours, _ = kd_loss_from_hidden(student_hidden, student_head, teacher_hidden, teacher_head, "jsd", 2.0, 13)
+    reference = full_logit_kd(student_hidden, student_head, teacher_hidden, teacher_head, "jsd", 2.0)
+    assert_relatively_close(ours, reference)
+    trainable = (student_hidden, student_weight, student_bias)
+    for mine, theirs in zip(grads(ours, trainable), grads(reference, trainable)):
+        assert_relatively_close(mine, theirs)
+
+
+def test_custom_backward_passes_gradcheck_in_float64():
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(n=6, vocab_student=11, vocab_teacher=11, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 10, 2, -100, 7])
+
+    def loss(hidden, weight):
+        return distill_loss_from_hidden(
+            hidden, weight, teacher_hidden, teacher_weight, labels, divergence="srkl", temperature=1.5, chunk_size=4,
+            ce_weight=0.5, skew_alpha=0.3,
+        ).loss
+
+    assert torch.autograd.gradcheck(loss, (student_hidden, student_weight))
+
+
+def test_fused_ce_and_kd_equal_the_separate_terms_and_count_top1_agreements():
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    labels = torch.randint(0, VOCAB, (N,), generator=torch.Generator().manual_seed(2))
+    sums = distill_loss_from_hidden(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kd_weight=0.25, ce_weight=0.75,
+        divergence="akl", temperature=2.0, chunk_size=11, akl_mu=0.4,
+    )
+    student_logits, teacher_logits = student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T
+    kd = divergence_per_position(teacher_logits, student_logits, "akl", 2.0, akl_mu=0.4).sum()
+    ce = F.cross_entropy(student_logits, labels, reduction="sum")
+    assert_relatively_close(sums.loss, 0.25 * kd + 0.75 * ce)
+    assert_relatively_close(sums.kd, kd)
+    assert_relatively_close(sums.ce, ce)
+    assert sums.top1_agreements.item() == (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()
+    assert not sums.kd.requires_grad and not sums.ce.requires_grad
+
+
+def test_ce_only_without_a_teacher():
+    student_hidden, student_weight, _, _ = make_inputs()
+    labels = torch.randint(0, VOCAB, (N,), generator=torch.Generator().manual_seed(3))
+    sums = distill_loss_from_hidden(student_hidden, student_weight, labels=labels, chunk_size=8)
+    reference = F.cross_entropy(student_hidden @ student_weight.T, labels, reduction="sum")
+    assert_relatively_close(sums.loss, reference)
+    assert sums.kd.item() == 0 and sums.top1_agreements.item() == 0
+
+
+def test_no_gradient_reaches_the_teacher():
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    teacher_hidden.requires_grad_()
+    teacher_weight.requires_grad_()
+    loss, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_size=9)
+    loss.backward()
+    assert teacher_hidden.grad is None and teacher_weight.grad is None
+    assert student_hidden.grad is not None and student_weight.grad is not None
+
+
+def test_gradients_scale_with_the_upstream_gradient_and_accumulate():
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    loss, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_size=9)
+    (once,) = grads(loss, (student_weight,))
+    loss, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_size=9)
+    (3.0 * loss).backward()
+    loss, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_size=9)
+    (-1.0 * loss).backward()
+    assert_relatively_close(student_weight.grad, 2.0 * once)
+
+
+def test_no_grad_values_equal_the_training_values_and_build_no_graph():
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    with_grad, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, "tvd", chunk_size=5)
+    with torch.no_grad():
+        without, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, "tvd", chunk_size=5)
+    assert not without.requires_grad
+    assert without.item() == pytest.approx(with_grad.item(), rel=1e-6)
+
+
+def test_bfloat16_heads_are_upcast_per_chunk_and_return_bfloat16_gradients():
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(dtype=torch.bfloat16)
+    ours, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_size=16)
+    assert ours.dtype == torch.float32
+    hidden_grad, weight_grad = grads(ours, (student_hidden, student_weight))
+    assert hidden_grad.dtype == weight_grad.dtype == torch.bfloat16
+    as_fp32 = [t.detach().float().requires_grad_() for t in (student_hidden, student_weight)]
+    reference = full_logit_kd(
+        as_fp32[0], LMHead(as_fp32[1]), teacher_hidden.float(), LMHead(teacher_weight.float()), "fkl", 1.0
+    )
+    assert ours.item() == pytest.approx(reference.item(), rel=2e-2)
+    assert_relatively_close(weight_grad.float(), grads(reference, as_fp32)[1], rel=2e-2)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation returns (views of the heads included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_no_tensor_larger_than_one_chunk_of_logits_or_the_head_is_built():
+    n, vocab, chunk = 512, 1031, 32
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(n, vocab, vocab)
+    labels = torch.randint(0, vocab, (n,))
+    with LargestTensor() as recorder:
+        sums = distill_loss_from_hidden(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence="jsd", chunk_size=chunk
+        )
+        sums.loss.backward()
+    assert recorder.largest <= max(chunk * vocab, student_weight.numel(), teacher_weight.numel())
+    assert recorder.largest < n * vocab / 4
+
+
+def test_default_chunk_size_keeps_a_chunk_near_128_mib():
+    assert default_chunk_size(151936) == 128
+    assert default_chunk_size(32000) == 1024
+    assert default_chunk_size(10**9) == 16
+    for vocab in (512, 32000, 151936, 262144):
+        size = default_chunk_size(vocab)
+        assert size & (size - 1) == 0 and size * vocab * 4 <= 2**27 or size == 16
+    assert math.log2(default_chunk_size(512)) == 16
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"student_hidden": torch.zeros(N, D_STUDENT + 1)}, "student_hidden must be"),
+        ({"teacher_hidden": torch.zeros(N - 1, D_TEACHER)}, "teacher_hidden must be"),
+        ({"teacher_hidden": None}, "together"),
+        ({"chunk_size": 0}, "chunk_size must be"),
+        ({"divergence": "kl"}, "unknown divergence"),
+        ({"temperature": 0.0}, "temperature must be"),
+        ({"beta": 2.0}, "beta must be"),
+        ({"gamma": 1.0}, "unknown divergence parameter"),
+        ({"labels": torch.zeros(N + 1, dtype=torch.long)}, "labels must be"),
+    ],
+)
+def test_bad_input_is_named(change, message):
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    arguments = {
+        "student_hidden": student_hidden,
+        "student_head": student_weight,
+        "teacher_hidden": teacher_hidden,
+        "teacher_head": teacher_weight,
+    } | change
+    with pytest.raises((ValueError, TypeError), match=message):
+        distill_loss_from_hidden(**arguments)
+
+
+def test_nothing_to_compute_is_an_error():
+    student_hidden, student_weight, _, _ = make_inputs()
+    with pytest.raises(ValueError, match="nothing to compute"):
+        distill_loss_from_hidden(student_hidden, student_weight)
