@@ -9,7 +9,6 @@ memory is O(chunk_size × V) plus one buffer the size of the student head (which
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -20,9 +19,9 @@ import torch.nn.functional as F
 from .divergences import divergence_from_logprobs, validate_divergence
 from .models import LMHead
 
-# Elements of one chunk's [chunk, V] fp32 logits when chunk_size is not given: 2**25 is 128 MiB, large enough
-# for efficient matmuls and for the head-gradient accumulation not to dominate, small next to full logits.
-DEFAULT_CHUNK_ELEMENTS = 2**25
+# Elements of one chunk's [chunk, V] logits when chunk_size is not given: 2**24 is 64 MiB in fp32, large enough
+# for efficient matmuls and for the head-gradient accumulation not to dominate (~100 positions at V = 152k).
+DEFAULT_CHUNK_ELEMENTS = 2**24
 
 
 class LossSums(NamedTuple):
@@ -135,8 +134,8 @@ def _spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, kd
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """The largest power of two whose [chunk, V] fp32 logits stay within DEFAULT_CHUNK_ELEMENTS (at least 16)."""
-    return max(16, 2 ** int(math.log2(max(DEFAULT_CHUNK_ELEMENTS // vocab_size, 1))))
+    """The largest multiple of 16 whose [chunk, V] logits stay within DEFAULT_CHUNK_ELEMENTS (at least 16)."""
+    return max(16, DEFAULT_CHUNK_ELEMENTS // vocab_size // 16 * 16)
 
 
 def _check_inputs(student_hidden, student_head, teacher_hidden, teacher_head, labels) -> None:
@@ -169,14 +168,21 @@ class _ChunkedLoss(torch.autograd.Function):
         kd, ce, agreements, grads = _run_chunks(
             spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, ctx.needs_input_grad[1:4]
         )
-        ctx.save_for_backward(*grads)
+        # Kept on ctx rather than saved for backward so that backward can scale them in place: a second copy of
+        # the head's gradient would be the largest tensor of the whole loss.
+        ctx.grads = grads
         ctx.mark_non_differentiable(kd, ce, agreements)
         return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, agreements
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        grads = tuple(None if grad is None else grad * grad_loss.to(grad.dtype) for grad in ctx.saved_tensors)
-        return (None, *grads, None, None)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "backward ran twice through one chunked distillation loss (retain_graph=True): compute the loss again "
+                "for a second backward."
+            )
+        grads, ctx.grads = ctx.grads, None
+        return (None, *(None if grad is None else grad.mul_(grad_loss.to(grad.dtype)) for grad in grads), None, None)
 
 
 def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, needs_grad):
