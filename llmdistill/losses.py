@@ -9,13 +9,13 @@ memory is O(chunk_size × V) plus one buffer the size of the student head (which
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORE_INDEX
 from .divergences import divergence_from_logprobs, validate_divergence
 from .models import LMHead
 
@@ -225,33 +225,74 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
 
 
 def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels, needs_grad: bool):
-    """One chunk's (kd, ce, agreements, gradient of the weighted loss w.r.t. the raw student logits)."""
+    """One chunk's (kd, ce, agreements, gradient of the weighted loss w.r.t. the raw student logits or None)."""
     with torch.no_grad():
         # Logits in the heads' dtype, upcast per chunk (never the whole [N, V] tensor).
-        raw_student = _at_least_fp32(student.linear(student_hidden.detach()))
-        teacher_logits = None
+        logits = student.cap(_at_least_fp32(student.linear(student_hidden.detach())))
+        kd = ce = agreements = logits.new_zeros(())
+        grad = None
         if spec.teacher is not None:
             teacher_logits = _at_least_fp32(spec.teacher.logits(teacher_hidden.detach(), spec.shared_rows))
-    raw_student.requires_grad_(needs_grad)
-    with torch.enable_grad() if needs_grad else nullcontext():
-        student_logits = student.cap(raw_student)
-        kd = ce = agreements = raw_student.new_zeros(())
-        if teacher_logits is not None:
-            shared_student = student_logits[:, : spec.shared_rows]
-            kd = divergence_from_logprobs(
-                _log_softmax(teacher_logits, spec.temperature),
-                _log_softmax(shared_student, spec.temperature),
-                spec.divergence,
-                **spec.divergence_params,
-            ).sum()
-            agreements = (teacher_logits.argmax(-1) == shared_student.detach().argmax(-1)).sum().to(kd.dtype)
+            shared = logits[:, : spec.shared_rows]
+            agreements = (teacher_logits.argmax(-1) == shared.argmax(-1)).sum().to(kd.dtype)
+            kd, grad = _kd_and_gradient(spec, teacher_logits, shared, needs_grad)
+            del teacher_logits
         if labels is not None:
-            ce = F.cross_entropy(student_logits, labels, reduction="sum")
-        grad_logits = None
+            ce, ce_grad = _cross_entropy_and_gradient(logits, labels, spec.ce_weight, needs_grad)
+            if grad is not None:
+                ce_grad[:, : spec.shared_rows] += grad
+            grad = ce_grad
         if needs_grad:
-            weighted = spec.kd_weight * kd + spec.ce_weight * ce
-            (grad_logits,) = torch.autograd.grad(weighted, raw_student)
-    return kd.detach(), ce.detach(), agreements, grad_logits
+            if grad.shape[1] < logits.shape[1]:  # KD only, student head padded past the teacher's
+                grad = F.pad(grad, (0, logits.shape[1] - grad.shape[1]))
+            if student.softcap is not None:  # d/dx c·tanh(x/c) = 1 − tanh²(x/c)
+                grad.mul_(1 - (logits / student.softcap).square())
+    return kd, ce, agreements, grad
+
+
+def _kd_and_gradient(spec: _Spec, teacher_logits, student_logits, needs_grad: bool):
+    """Σ D(teacher ‖ student) over the chunk and kd_weight × its gradient w.r.t. `student_logits` (or None)."""
+    if spec.divergence == "fkl":
+        return _forward_kl_and_gradient(teacher_logits, student_logits, spec.temperature, spec.kd_weight, needs_grad)
+    leaf = student_logits.detach().requires_grad_(needs_grad)
+    with torch.enable_grad():
+        kd = divergence_from_logprobs(
+            _log_softmax(teacher_logits, spec.temperature),
+            _log_softmax(leaf, spec.temperature),
+            spec.divergence,
+            **spec.divergence_params,
+        ).sum()
+    grad = torch.autograd.grad(kd, leaf)[0].mul_(spec.kd_weight) if needs_grad else None
+    return kd.detach(), grad
+
+
+def _forward_kl_and_gradient(teacher_logits, student_logits, temperature: float, weight: float, needs_grad: bool):
+    """Σ KL(p ‖ q) and weight × (q − p) / τ, its gradient w.r.t. the student logits, reusing buffers in place.
+
+    The default divergence gets this closed form because autograd would keep about twice as many [chunk, V]
+    buffers alive and make more passes over them.
+    """
+    teacher_logprobs = _log_softmax(teacher_logits, temperature)
+    student_logprobs = _log_softmax(student_logits, temperature)
+    p = teacher_logprobs.exp()
+    # p · log(p/q) is 0 where p = 0, which also covers -inf − (-inf) on masked vocabulary entries.
+    log_ratio = teacher_logprobs.sub_(student_logprobs).masked_fill_(p == 0, 0.0)
+    grad = student_logprobs.exp_().sub_(p).mul_(weight / temperature) if needs_grad else None
+    return p.mul_(log_ratio).sum(), grad
+
+
+def _cross_entropy_and_gradient(logits, labels, weight: float, needs_grad: bool):
+    """Σ CE over rows whose label is not -100, and weight × its gradient (softmax − one-hot; 0 on ignored rows)."""
+    counted = labels != IGNORE_INDEX
+    targets = labels.masked_fill(~counted, 0).unsqueeze(1)
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    ce = torch.where(counted, log_normaliser - logits.gather(1, targets).squeeze(1), 0.0).sum()
+    grad = None
+    if needs_grad:
+        grad = (logits - log_normaliser.unsqueeze(1)).exp_()
+        grad.scatter_add_(1, targets, torch.full_like(targets, -1.0, dtype=grad.dtype))
+        grad.mul_(torch.where(counted, weight, 0.0).unsqueeze(1).to(grad.dtype))
+    return ce, grad
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:

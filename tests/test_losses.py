@@ -60,6 +60,22 @@ def test_loss_and_gradients_equal_the_full_logit_reference(name, temperature, ch
         assert_relatively_close(mine, theirs)
 
 
+@pytest.mark.parametrize("name", ["fkl", "jsd"])  # the closed-form gradient and the autograd one
+@pytest.mark.parametrize("extra_teacher_rows, extra_student_rows", [(9, 0), (0, 9)])
+def test_padded_vocabulary_kd_alone_compares_the_shared_ids(name, extra_teacher_rows, extra_student_rows):
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(
+        vocab_student=VOCAB + extra_student_rows, vocab_teacher=VOCAB + extra_teacher_rows
+    )
+    ours, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, name, 2.0, 10)
+    reference = full_logit_kd(
+        student_hidden, LMHead(student_weight), teacher_hidden, LMHead(teacher_weight), name, 2.0
+    )
+    assert_relatively_close(ours, reference)
+    trainable = (student_hidden, student_weight)
+    for mine, theirs in zip(grads(ours, trainable), grads(reference, trainable)):
+        assert_relatively_close(mine, theirs)
+
+
 @pytest.mark.parametrize("extra_teacher_rows, extra_student_rows", [(9, 0), (0, 9)])
 def test_padded_vocabulary_compares_the_shared_ids_and_trains_all_student_rows_with_ce(
     extra_teacher_rows, extra_student_rows
@@ -82,13 +98,14 @@ def test_padded_vocabulary_compares_the_shared_ids_and_trains_all_student_rows_w
         assert_relatively_close(mine, theirs)
 
 
-def test_bias_and_soft_capping_heads_match_the_reference():
+@pytest.mark.parametrize("name", ["fkl", "jsd"])
+def test_bias_and_soft_capping_heads_match_the_reference(name):
     student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
     student_bias = torch.randn(VOCAB).requires_grad_()
     student_head = LMHead(student_weight, student_bias, softcap=3.0)
     teacher_head = LMHead(teacher_weight, torch.randn(VOCAB), softcap=5.0)
-    ours, _ = kd_loss_from_hidden(student_hidden, student_head, teacher_hidden, teacher_head, "jsd", 2.0, 13)
-    reference = full_logit_kd(student_hidden, student_head, teacher_hidden, teacher_head, "jsd", 2.0)
+    ours, _ = kd_loss_from_hidden(student_hidden, student_head, teacher_hidden, teacher_head, name, 2.0, 13)
+    reference = full_logit_kd(student_hidden, student_head, teacher_hidden, teacher_head, name, 2.0)
     assert_relatively_close(ours, reference)
     trainable = (student_hidden, student_weight, student_bias)
     for mine, theirs in zip(grads(ours, trainable), grads(reference, trainable)):
@@ -266,3 +283,23 @@ def test_nothing_to_compute_is_an_error():
     student_hidden, student_weight, _, _ = make_inputs()
     with pytest.raises(ValueError, match="nothing to compute"):
         distill_loss_from_hidden(student_hidden, student_weight)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_vocabulary_entries_give_finite_values_and_gradients(name):
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    masked = torch.zeros(VOCAB)
+    masked[[0, 5, 17, VOCAB - 1]] = float("-inf")
+    student_head, teacher_head = LMHead(student_weight, masked), LMHead(teacher_weight, masked)
+    labels = torch.randint(1, 5, (N,), generator=torch.Generator().manual_seed(4))
+    sums = distill_loss_from_hidden(
+        student_hidden, student_head, teacher_hidden, teacher_head, labels, divergence=name, chunk_size=12, **PARAMS
+    )
+    reference = full_logit_kd(student_hidden, student_head, teacher_hidden, teacher_head, name, 1.0, **PARAMS)
+    reference = reference + F.cross_entropy(student_head.logits(student_hidden), labels, reduction="sum")
+    assert torch.isfinite(sums.loss)
+    assert_relatively_close(sums.loss, reference)
+    trainable = (student_hidden, student_weight)
+    for mine, theirs in zip(grads(sums.loss, trainable), grads(reference, trainable)):
+        assert torch.isfinite(mine).all()
+        assert_relatively_close(mine, theirs)
