@@ -19,9 +19,11 @@ from .data import IGNORE_INDEX
 from .divergences import divergence_from_logprobs, validate_divergence
 from .models import LMHead
 
-# Elements of one chunk's [chunk, V] logits when chunk_size is not given: 2**24 is 64 MiB in fp32, large enough
-# for efficient matmuls and for the head-gradient accumulation not to dominate (~100 positions at V = 152k).
-DEFAULT_CHUNK_ELEMENTS = 2**24
+# Default chunking: one chunk's [chunk, V] fp32 logits within 2**26 elements (256 MiB; about 430 positions at
+# V = 152k) and at most 512 positions. On CPU, matmuls with fewer than ~256 rows run well below peak speed, and
+# beyond ~512 they gain nothing while memory keeps growing.
+DEFAULT_CHUNK_ELEMENTS = 2**26
+MAX_DEFAULT_CHUNK = 512
 
 
 class LossSums(NamedTuple):
@@ -134,8 +136,8 @@ def _spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, kd
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """The largest multiple of 16 whose [chunk, V] logits stay within DEFAULT_CHUNK_ELEMENTS (at least 16)."""
-    return max(16, DEFAULT_CHUNK_ELEMENTS // vocab_size // 16 * 16)
+    """The largest multiple of 16 up to MAX_DEFAULT_CHUNK whose [chunk, V] logits fit DEFAULT_CHUNK_ELEMENTS."""
+    return min(MAX_DEFAULT_CHUNK, max(16, DEFAULT_CHUNK_ELEMENTS // vocab_size // 16 * 16))
 
 
 def _check_inputs(student_hidden, student_head, teacher_hidden, teacher_head, labels) -> None:
@@ -267,12 +269,13 @@ def _kd_and_gradient(spec: _Spec, teacher_logits, student_logits, needs_grad: bo
 
 
 def _forward_kl_and_gradient(teacher_logits, student_logits, temperature: float, weight: float, needs_grad: bool):
-    """Σ KL(p ‖ q) and weight × (q − p) / τ, its gradient w.r.t. the student logits, reusing buffers in place.
+    """Σ KL(p ‖ q) and weight × (q − p) / τ, its gradient w.r.t. the student logits, reusing buffers in place
+    (`teacher_logits` among them: it holds the teacher's log-probabilities afterwards).
 
     The default divergence gets this closed form because autograd would keep about twice as many [chunk, V]
     buffers alive and make more passes over them.
     """
-    teacher_logprobs = _log_softmax(teacher_logits, temperature)
+    teacher_logprobs = _log_softmax_(teacher_logits, temperature)
     student_logprobs = _log_softmax(student_logits, temperature)
     p = teacher_logprobs.exp()
     # p · log(p/q) is 0 where p = 0, which also covers -inf − (-inf) on masked vocabulary entries.
@@ -301,3 +304,10 @@ def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
+def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / τ) written into `logits` (one [chunk, V] buffer fewer than the out-of-place one)."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
