@@ -6,7 +6,8 @@ checkout first on PYTHONPATH (see benchmarks/results/trainer_memory.md for the b
     python benchmarks/trainer_memory.py --case quickstart    # the quickstart's models, data and 512-token vocabulary
     python benchmarks/trainer_memory.py --case qwen3         # Qwen3's real tokenizer (151,936 head rows) on Dolly
 
-"Extra" memory is the process's peak RSS during training minus its peak once models and data are loaded.
+"Extra" memory is the peak during training minus the peak once models and data are loaded: resident memory (RSS)
+on CPU, allocated memory on CUDA (--device cuda, optionally --model-dtype bfloat16).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ CASES = {
 }
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def write_data(kind: str, path: Path) -> Path:
@@ -72,7 +75,7 @@ def save_model(directory: Path, tokenizer, shape, seed: int) -> Path:
     return directory
 
 
-def measure(case: str, steps: int) -> dict:
+def measure(case: str, steps: int, device: str, model_dtype: str) -> dict:
     tokenizer_kind, data_kind, teacher_shape, student_shape, batch_size = CASES[case]
     tokenizer = load_tokenizer(tokenizer_kind)
     if tokenizer.pad_token is None:
@@ -90,23 +93,31 @@ def measure(case: str, steps: int) -> dict:
             learning_rate=1e-3,
             logging_steps=steps,
             report_to=[],
-            use_cpu=True,
+            use_cpu=device == "cpu",
+            model_dtype=model_dtype,
+            bf16=model_dtype == "bfloat16",
             seed=0,
             disable_tqdm=True,
         )
         trainer = DistillTrainer(args=config)
-        baseline = peak_rss_mb()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        baseline = peak_mb(device)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
+        loss = trainer.state.log_history[-1].get("train_loss")
     return {
         "case": case,
         "commit": _commit(),
+        "device": device,
+        "model_dtype": model_dtype,
         "vocab_rows": trainer.model.get_output_embeddings().weight.shape[0],
         "batch_size": batch_size,
         "steps": steps,
-        "extra_peak_mb": round(peak_rss_mb() - baseline, 1),
+        "extra_peak_mb": round(peak_mb(device) - baseline, 1),
         "seconds_per_step": round(seconds / steps, 3),
+        "train_loss": loss,
     }
 
 
@@ -120,8 +131,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), default="qwen3")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
-    print(json.dumps(measure(args.case, args.steps)))
+    print(json.dumps(measure(args.case, args.steps, args.device, args.model_dtype)))
 
 
 if __name__ == "__main__":

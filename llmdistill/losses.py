@@ -9,6 +9,7 @@ memory is O(chunk_size × V) plus one buffer the size of the student head (which
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,6 +50,12 @@ class _Spec:
     shared_rows: int  # KD compares the first min(V_T, V_S) ids (padded heads of one tokenizer)
     student_softcap: float | None
     teacher: LMHead | None
+
+    def chunk_terms(self, device: torch.device):
+        """The per-chunk loss terms: compiled on CUDA for fkl (the elementwise passes over [chunk, V] fuse), eager
+        otherwise (torch.compile on CPU needs a C++ toolchain; the other divergences take their gradient by autograd,
+        which does not compile)."""
+        return _compiled_terms() if device.type == "cuda" and self.divergence == "fkl" else _terms
 
 
 def kd_loss_from_hidden(
@@ -198,6 +205,8 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
     grad_bias = torch.zeros_like(student_bias, dtype=dtype) if want_bias else None
     grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
     student = LMHead(student_weight, student_bias, spec.student_softcap)
+    # As tensors, so that a compiled chunk function does not recompile for every new weight (e.g. 1 / token count).
+    weights = torch.tensor([spec.kd_weight, spec.ce_weight], dtype=dtype, device=student_hidden.device).unbind()
     for start in range(0, student_hidden.shape[0], spec.chunk_size):
         rows = slice(start, start + spec.chunk_size)
         hidden = student_hidden[rows]
@@ -208,6 +217,7 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
             None if teacher_hidden is None else teacher_hidden[rows],
             None if labels is None else labels[rows],
             any(needs_grad),
+            weights,
         )
         kd += chunk_kd
         ce += chunk_ce
@@ -215,7 +225,7 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
         if want_hidden:
             grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
         if want_weight:
-            grad_weight.addmm_(grad_logits.T, hidden.detach().to(dtype))
+            _accumulate_weight_gradient(grad_weight, grad_logits, hidden.detach())
         if want_bias:
             grad_bias += grad_logits.sum(0)
     grads = (
@@ -226,45 +236,81 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
     return kd, ce, agreements, grads
 
 
-def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels, needs_grad: bool):
-    """One chunk's (kd, ce, agreements, gradient of the weighted loss w.r.t. the raw student logits or None)."""
+def _accumulate_weight_gradient(grad_weight, grad_logits, hidden) -> None:
+    """grad_weight += grad_logitsᵀ · hidden. A half-precision head multiplies in its own dtype (tensor cores, not an
+    fp32 matmul) and adds the product into the fp32 accumulator."""
+    if hidden.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad_logits.T, hidden)
+    else:
+        grad_weight += grad_logits.to(hidden.dtype).T @ hidden
+
+
+def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels, needs_grad: bool, weights):
+    """One chunk's (kd, ce, agreements, gradient of the weighted loss w.r.t. the student's pre-cap logits or None)."""
     with torch.no_grad():
-        # Logits in the heads' dtype, upcast per chunk (never the whole [N, V] tensor).
-        logits = student.cap(_at_least_fp32(student.linear(student_hidden.detach())))
-        kd = ce = agreements = logits.new_zeros(())
-        grad = None
+        # Logits in the heads' dtype; the terms upcast them per chunk (never the whole [N, V] tensor).
+        student_logits = student.linear(student_hidden.detach())
+        teacher_logits = None
         if spec.teacher is not None:
-            teacher_logits = _at_least_fp32(spec.teacher.logits(teacher_hidden.detach(), spec.shared_rows))
-            shared = logits[:, : spec.shared_rows]
-            agreements = (teacher_logits.argmax(-1) == shared.argmax(-1)).sum().to(kd.dtype)
-            kd, grad = _kd_and_gradient(spec, teacher_logits, shared, needs_grad)
-            del teacher_logits
-        if labels is not None:
-            ce, ce_grad = _cross_entropy_and_gradient(logits, labels, spec.ce_weight, needs_grad)
-            if grad is not None:
-                ce_grad[:, : spec.shared_rows] += grad
-            grad = ce_grad
-        if needs_grad:
-            if grad.shape[1] < logits.shape[1]:  # KD only, student head padded past the teacher's
-                grad = F.pad(grad, (0, logits.shape[1] - grad.shape[1]))
-            if student.softcap is not None:  # d/dx c·tanh(x/c) = 1 − tanh²(x/c)
-                grad.mul_(1 - (logits / student.softcap).square())
+            teacher_logits = spec.teacher.linear(teacher_hidden.detach(), spec.shared_rows)
+        return spec.chunk_terms(student_logits.device)(
+            student_logits,
+            teacher_logits,
+            labels,
+            *weights,
+            spec.temperature,
+            spec.student_softcap,
+            None if spec.teacher is None else spec.teacher.softcap,
+            needs_grad,
+            spec.divergence,
+            spec.divergence_params,
+        )
+
+
+def _terms(
+    student_logits, teacher_logits, labels, kd_weight, ce_weight, temperature: float, student_softcap, teacher_softcap,
+    needs_grad: bool, divergence: str = "fkl", divergence_params: dict | None = None,
+):
+    """(kd, ce, agreements, gradient of kd_weight·kd + ce_weight·ce w.r.t. the pre-cap student logits or None)."""
+    logits = LMHead.cap_logits(_at_least_fp32(student_logits), student_softcap)
+    kd = ce = agreements = logits.new_zeros(())
+    grad = None
+    if teacher_logits is not None:
+        teacher_logits = LMHead.cap_logits(_at_least_fp32(teacher_logits), teacher_softcap)
+        shared = logits[:, : teacher_logits.shape[1]]
+        agreements = (teacher_logits.argmax(-1) == shared.argmax(-1)).sum().to(kd.dtype)
+        kd, grad = _kd_and_gradient(
+            teacher_logits, shared, temperature, kd_weight, needs_grad, divergence, divergence_params or {}
+        )
+        del teacher_logits
+    if labels is not None:
+        ce, ce_grad = _cross_entropy_and_gradient(logits, labels, ce_weight, needs_grad)
+        if grad is not None:
+            ce_grad[:, : grad.shape[1]] += grad
+        grad = ce_grad
+    if needs_grad:
+        if grad.shape[1] < logits.shape[1]:  # KD only, student head padded past the teacher's
+            grad = F.pad(grad, (0, logits.shape[1] - grad.shape[1]))
+        if student_softcap is not None:  # d/dx c·tanh(x/c) = 1 − tanh²(x/c)
+            grad.mul_(1 - (logits / student_softcap).square())
     return kd, ce, agreements, grad
 
 
-def _kd_and_gradient(spec: _Spec, teacher_logits, student_logits, needs_grad: bool):
-    """Σ D(teacher ‖ student) over the chunk and kd_weight × its gradient w.r.t. `student_logits` (or None)."""
-    if spec.divergence == "fkl":
-        return _forward_kl_and_gradient(teacher_logits, student_logits, spec.temperature, spec.kd_weight, needs_grad)
+@functools.cache
+def _compiled_terms():
+    return torch.compile(_terms)
+
+
+def _kd_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, divergence, params):
+    """Σ D(teacher ‖ student) over the chunk and weight × its gradient w.r.t. `student_logits` (or None)."""
+    if divergence == "fkl":
+        return _forward_kl_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad)
     leaf = student_logits.detach().requires_grad_(needs_grad)
     with torch.enable_grad():
         kd = divergence_from_logprobs(
-            _log_softmax(teacher_logits, spec.temperature),
-            _log_softmax(leaf, spec.temperature),
-            spec.divergence,
-            **spec.divergence_params,
+            _log_softmax(teacher_logits, temperature), _log_softmax(leaf, temperature), divergence, **params
         ).sum()
-    grad = torch.autograd.grad(kd, leaf)[0].mul_(spec.kd_weight) if needs_grad else None
+    grad = torch.autograd.grad(kd, leaf)[0].mul_(weight) if needs_grad else None
     return kd.detach(), grad
 
 
@@ -294,7 +340,7 @@ def _cross_entropy_and_gradient(logits, labels, weight: float, needs_grad: bool)
     if needs_grad:
         grad = (logits - log_normaliser.unsqueeze(1)).exp_()
         grad.scatter_add_(1, targets, torch.full_like(targets, -1.0, dtype=grad.dtype))
-        grad.mul_(torch.where(counted, weight, 0.0).unsqueeze(1).to(grad.dtype))
+        grad.mul_((counted * weight).unsqueeze(1).to(grad.dtype))
     return ce, grad
 
 

@@ -80,4 +80,8 @@ class LMHead(NamedTuple):
         return torch.nn.functional.linear(hidden, self.weight[:rows], bias)
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+        return self.cap_logits(logits, self.softcap)
+
+    @staticmethod
+    def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
