@@ -225,7 +225,7 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
         if want_hidden:
             grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
         if want_weight:
-            _accumulate_weight_gradient(grad_weight, grad_logits, hidden.detach())
+            _accumulate_weight_gradient(grad_weight, grad_logits, hidden.detach().to(student_weight.dtype))
         if want_bias:
             grad_bias += grad_logits.sum(0)
     grads = (

@@ -75,9 +75,10 @@ class LMHead(NamedTuple):
         return self.cap(self.linear(hidden, rows))
 
     def linear(self, hidden: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        """The logits before soft-capping."""
+        """The logits before soft-capping. Hidden states are cast to the head's dtype: under mixed precision
+        accelerate hands back fp32 outputs from a bf16 model."""
         bias = None if self.bias is None else self.bias[:rows]
-        return torch.nn.functional.linear(hidden, self.weight[:rows], bias)
+        return torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight[:rows], bias)
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
         return self.cap_logits(logits, self.softcap)

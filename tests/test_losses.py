@@ -208,6 +208,16 @@ def test_bfloat16_heads_are_upcast_per_chunk_and_return_bfloat16_gradients():
     assert_relatively_close(weight_grad.float(), grads(reference, as_fp32)[1], rel=2e-2)
 
 
+def test_fp32_hidden_states_with_a_bfloat16_head_get_fp32_gradients():
+    """Under mixed precision accelerate returns fp32 hidden states from a bf16 model."""
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    student_weight = student_weight.detach().bfloat16().requires_grad_()
+    ours, _ = kd_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight.bfloat16())
+    hidden_grad, weight_grad = grads(ours, (student_hidden, student_weight))
+    assert hidden_grad.dtype == torch.float32 and weight_grad.dtype == torch.bfloat16
+    assert torch.isfinite(hidden_grad).all() and torch.isfinite(weight_grad).all()
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an operation returns (views of the heads included)."""
 

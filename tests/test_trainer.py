@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import datasets
 import pytest
 import torch
@@ -181,3 +183,16 @@ def test_models_and_tokenizers_load_from_folders_as_in_the_readme(tmp_path, mode
     assert trainer.model.config.model_type == "llama" and trainer.teacher.config.model_type == "gpt2"
     trainer.train()
     assert trainer.state.log_history[0]["kd"] > 0
+
+
+def test_bf16_mixed_precision_training_with_bf16_models(tmp_path, tokenizer, examples):
+    """accelerate's bf16 mode hands back fp32 hidden states from bf16 models; the heads must still apply."""
+    trainer = make_trainer(
+        tmp_path, tokenizer, examples, teacher=tiny_gpt2(len(tokenizer)).bfloat16(),
+        student=tiny_llama(len(tokenizer), seed=1).bfloat16(), bf16=True, max_steps=2, learning_rate=1e-3,
+        optim="adamw_torch",
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(math.isfinite(entry["loss"]) and entry["loss"] > 0 for entry in logged)
+    assert all(math.isfinite(entry["kd"]) and 0 <= entry["top1_agreement"] <= 100 for entry in logged)
