@@ -13,8 +13,10 @@ on CPU, allocated memory on CUDA (--device cuda, optionally --model-dtype bfloat
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import resource
+import shutil
 import subprocess
 import tempfile
 import time
@@ -54,11 +56,15 @@ def write_data(kind: str, path: Path) -> Path:
     return path
 
 
-def load_tokenizer(kind: str):
+def load_tokenizer(kind: str, scratch: Path):
     if kind == "quickstart":
         rows = make_examples(256, seed=0)
         return train_tokenizer([r["prompt"] + r["response"] for r in rows], vocab_size=512)
-    return AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / kind)
+    folder = scratch / "tokenizer"
+    shutil.copytree(SHARED_DATA / "tokenizers" / kind, folder)
+    for packed in folder.glob("*.gz"):  # the shared copy of Qwen3's tokenizer.json is gzipped
+        packed.with_suffix("").write_bytes(gzip.decompress(packed.read_bytes()))
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def save_model(directory: Path, tokenizer, shape, seed: int) -> Path:
@@ -77,11 +83,11 @@ def save_model(directory: Path, tokenizer, shape, seed: int) -> Path:
 
 def measure(case: str, steps: int, device: str, model_dtype: str) -> dict:
     tokenizer_kind, data_kind, teacher_shape, student_shape, batch_size = CASES[case]
-    tokenizer = load_tokenizer(tokenizer_kind)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        tokenizer = load_tokenizer(tokenizer_kind, tmp)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         config = DistillConfig(
             output_dir=str(tmp / "out"),
             teacher_model_name_or_path=str(save_model(tmp / "teacher", tokenizer, teacher_shape, 0)),

@@ -19,6 +19,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
             "tokenizer.json (e.g. `AutoTokenizer.from_pretrained(path, use_fast=True).save_pretrained(path)` "
             "with the `tokenizers` package installed)."
         )
+    if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        raise ValueError(
+            f"tokenizer {name_or_path!r} turns text into no tokens: its vocabulary did not load. Check that the "
+            "folder holds tokenizer.json (not only a compressed tokenizer.json.gz) or its vocab/merges files."
+        )
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no eos_token: set one in its tokenizer_config.json.")
     if tokenizer.pad_token_id is None:

@@ -136,3 +136,13 @@ def test_a_split_of_a_local_file_is_refused_not_ignored(tmp_path):
 def test_collator_never_labels_the_first_position(tokenizer):
     feature = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
     assert DistillCollator(tokenizer.pad_token_id)([feature])["labels"][0].tolist() == [IGNORE_INDEX, 6, 7]
+
+
+@needs_shared_data
+def test_a_tokenizer_whose_vocabulary_did_not_load_is_refused(tmp_path):
+    """The shared Qwen3 folder holds tokenizer.json.gz only: transformers then builds an empty tokenizer silently."""
+    folder = tmp_path / "qwen3"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_bytes((SHARED_DATA / "tokenizers" / "qwen3" / "tokenizer_config.json").read_bytes())
+    with pytest.raises(ValueError, match="turns text into no tokens.*tokenizer.json"):
+        load_tokenizer(str(folder))
