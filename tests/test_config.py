@@ -41,6 +41,7 @@ def test_unknown_yaml_key_names_the_key_and_a_suggestion(tmp_path):
         ({"jsd_beta": 2.0, "divergence": "jsd"}, "beta"),
         ({"max_prompt_length": 512, "max_length": 512}, "max_length=512 must exceed"),
         ({"model_dtype": "int8"}, "model_dtype='int8'"),
+        ({"loss_chunk_size": 0}, "loss_chunk_size=0 must be"),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path, options, message):

@@ -67,6 +67,20 @@ def test_loss_equals_full_logit_reference(tmp_path, tokenizer, examples, alpha):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("divergence", ["fkl", "srkl"])
+def test_tiny_loss_chunks_give_the_same_loss_and_gradients(tmp_path, tokenizer, examples, divergence):
+    whole = make_trainer(tmp_path / "a", tokenizer, examples, divergence=divergence)
+    chunked = make_trainer(tmp_path / "b", tokenizer, examples, divergence=divergence, loss_chunk_size=3)
+    assert chunked.objective.chunk_size == 3
+    batch = first_batch(whole, 6)
+    losses = [trainer.compute_loss(trainer.model, batch) for trainer in (whole, chunked)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for loss in losses:
+        loss.backward()
+    for mine, theirs in zip(whole.model.parameters(), chunked.model.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_padded_teacher_vocabulary_compares_shared_ids(tmp_path, tokenizer, examples):
     teacher = tiny_gpt2(len(tokenizer) + 7)  # same tokenizer, head padded to more rows
     trainer = make_trainer(tmp_path, tokenizer, examples, teacher=teacher)
