@@ -132,7 +132,11 @@ class DistillTrainer(Trainer):
         token count."""
         if self.teacher is None:
             return distill_loss_from_hidden(
-                student_hidden, student_head, labels=labels, ce_weight=1 / denominator, chunk_size=self.args.loss_chunk_size
+                student_hidden,
+                student_head,
+                labels=labels,
+                ce_weight=1 / denominator,
+                chunk_size=self.args.loss_chunk_size,
             )
         with torch.no_grad():
             teacher_hidden = supervised_hidden_states(

@@ -143,6 +143,7 @@ def test_a_tokenizer_whose_vocabulary_did_not_load_is_refused(tmp_path):
     """The shared Qwen3 folder holds tokenizer.json.gz only: transformers then builds an empty tokenizer silently."""
     folder = tmp_path / "qwen3"
     folder.mkdir()
-    (folder / "tokenizer_config.json").write_bytes((SHARED_DATA / "tokenizers" / "qwen3" / "tokenizer_config.json").read_bytes())
+    config = SHARED_DATA / "tokenizers" / "qwen3" / "tokenizer_config.json"
+    (folder / "tokenizer_config.json").write_bytes(config.read_bytes())
     with pytest.raises(ValueError, match="turns text into no tokens.*tokenizer.json"):
         load_tokenizer(str(folder))
