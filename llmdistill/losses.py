@@ -10,6 +10,7 @@ memory is O(chunk_size × V) plus one buffer the size of the student head (which
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ from .models import LMHead
 # beyond ~512 they gain nothing while memory keeps growing.
 DEFAULT_CHUNK_ELEMENTS = 2**26
 MAX_DEFAULT_CHUNK = 512
+COMPILE_ENV = "LLMDISTILL_COMPILE"  # "0" runs the fkl/CE chunk terms eagerly on CUDA too
 
 
 class LossSums(NamedTuple):
@@ -55,7 +57,8 @@ class _Spec:
         """The per-chunk loss terms: compiled on CUDA for fkl (the elementwise passes over [chunk, V] fuse), eager
         otherwise (torch.compile on CPU needs a C++ toolchain; the other divergences take their gradient by autograd,
         which does not compile)."""
-        return _compiled_terms() if device.type == "cuda" and self.divergence == "fkl" else _terms
+        compile_wanted = os.environ.get(COMPILE_ENV, "1") != "0"
+        return _compiled_terms() if compile_wanted and device.type == "cuda" and self.divergence == "fkl" else _terms
 
 
 def kd_loss_from_hidden(
@@ -298,7 +301,17 @@ def _terms(
 
 @functools.cache
 def _compiled_terms():
-    return torch.compile(_terms)
+    compiled = torch.compile(_terms)
+
+    def terms(*args):
+        try:
+            return compiled(*args)
+        except Exception as error:  # compiler failures come in many types (BackendCompilerFailed, ImportError, ...)
+            raise RuntimeError(
+                f"the compiled loss failed ({type(error).__name__}); set {COMPILE_ENV}=0 to run it eagerly."
+            ) from error
+
+    return terms
 
 
 def _kd_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, divergence, params):

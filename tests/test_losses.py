@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmdistill.divergences import divergence_per_position
+from llmdistill import losses
 from llmdistill.losses import default_chunk_size, distill_loss_from_hidden, kd_loss_from_hidden
 from llmdistill.models import LMHead
 
@@ -255,6 +256,35 @@ def test_default_chunk_size_keeps_a_chunk_of_logits_within_256_mib_and_512_posit
     for vocab in (512, 32000, 151936, 262144):
         size = default_chunk_size(vocab)
         assert size % 16 == 0 and size * vocab <= 2**26
+
+
+def test_a_failing_compiler_names_the_switch_that_runs_the_loss_eagerly(monkeypatch):
+    def broken_compile(function):
+        def run(*args):
+            raise ImportError("no working triton")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    losses._compiled_terms.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="ImportError.*LLMDISTILL_COMPILE=0"):
+            losses._compiled_terms()(torch.zeros(2, 3), None, None, 1.0, 1.0, 1.0, None, None, False)
+    finally:
+        losses._compiled_terms.cache_clear()
+
+
+def test_the_environment_switch_turns_compilation_off(monkeypatch):
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    spec = losses._spec(
+        student_hidden, LMHead(student_weight), teacher_hidden, LMHead(teacher_weight), None, 1.0, 1.0, "fkl", 1.0,
+        None, {},
+    )
+    cuda = torch.device("cuda")
+    assert spec.chunk_terms(torch.device("cpu")) is losses._terms
+    assert spec.chunk_terms(cuda) is not losses._terms
+    monkeypatch.setenv("LLMDISTILL_COMPILE", "0")
+    assert spec.chunk_terms(cuda) is losses._terms
 
 
 def test_a_second_backward_through_one_loss_is_a_clear_error():
