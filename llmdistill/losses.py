@@ -33,10 +33,12 @@ class LossSums(NamedTuple):
     """Sums over the N positions of one call. Only `loss` carries gradients."""
 
     loss: torch.Tensor  # kd_weight · kd + ce_weight · ce
-    kd: torch.Tensor  # Σ D(teacher ‖ student); 0 without a teacher
+    kd: torch.Tensor  # Σ w · D(teacher ‖ student), w the KD position weights (1 by default); 0 without a teacher
     ce: torch.Tensor  # Σ CE(student, labels); 0 without labels
-    top1_agreements: torch.Tensor  # positions where both argmaxes (over the shared ids) agree; 0 without a teacher
+    top1_agreements: torch.Tensor  # positions where student_top1 == teacher_top1; 0 without a teacher
     count: int  # N
+    student_top1: torch.Tensor  # [N] argmax of the student logits over the ids KD compares (all rows without a teacher)
+    teacher_top1: torch.Tensor | None  # [N] argmax of the teacher logits over those ids; None without a teacher
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ class _Spec:
     divergence: str
     divergence_params: dict
     temperature: float
-    kd_weight: float
-    ce_weight: float
+    kd_weight: float | torch.Tensor
+    ce_weight: float | torch.Tensor
     chunk_size: int
     shared_rows: int  # KD compares the first min(V_T, V_S) ids (padded heads of one tokenizer)
     student_softcap: float | None
@@ -98,8 +100,9 @@ def distill_loss_from_hidden(
     teacher_head: torch.Tensor | LMHead | None = None,
     labels: torch.Tensor | None = None,
     *,
-    kd_weight: float = 1.0,
-    ce_weight: float = 1.0,
+    kd_weight: float | torch.Tensor = 1.0,
+    ce_weight: float | torch.Tensor = 1.0,
+    kd_position_weights: torch.Tensor | None = None,
     divergence: str = "fkl",
     temperature: float = 1.0,
     chunk_size: int | None = None,
@@ -108,20 +111,30 @@ def distill_loss_from_hidden(
     """KD against the teacher and/or CE against `labels` ([N] ids, -100 ignored), fused in one chunked pass.
 
     The student's logits are computed once per chunk for both terms. CE uses all student rows at temperature 1;
-    KD uses temperature `temperature` over the ids both heads have.
+    KD uses temperature `temperature` over the ids both heads have, each position's divergence multiplied by
+    `kd_position_weights` ([N], no gradient) when given. The weights may be tensors (no host sync needed).
     """
     student_head, teacher_head = _as_head(student_head), _as_head(teacher_head)
     spec = _spec(
         student_hidden, student_head, teacher_hidden, teacher_head, labels, kd_weight, ce_weight, divergence,
         temperature, chunk_size, divergence_params,
     )
+    if kd_position_weights is not None and kd_position_weights.shape != (student_hidden.shape[0],):
+        raise ValueError(
+            f"kd_position_weights must be [N] = [{student_hidden.shape[0]}], got {tuple(kd_position_weights.shape)}."
+        )
     trainable = (student_hidden, student_head.weight, student_head.bias)
+    others = (teacher_hidden, labels, kd_position_weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable):
-        loss, kd, ce, agreements = _ChunkedLoss.apply(spec, *trainable, teacher_hidden, labels)
+        loss, kd, ce, student_top1, teacher_top1 = _ChunkedLoss.apply(spec, *trainable, *others)
     else:
-        kd, ce, agreements, _ = _run_chunks(spec, *trainable, teacher_hidden, labels, needs_grad=(False,) * 3)
+        kd, ce, student_top1, teacher_top1, _ = _run_chunks(spec, *trainable, *others, needs_grad=(False,) * 3)
         loss = kd_weight * kd + ce_weight * ce
-    return LossSums(loss, kd, ce, agreements, student_hidden.shape[0])
+    if teacher_hidden is None:
+        agreements, teacher_top1 = kd.new_zeros(()), None
+    else:
+        agreements = (student_top1 == teacher_top1).sum().to(kd.dtype)
+    return LossSums(loss, kd, ce, agreements, student_hidden.shape[0], student_top1, teacher_top1)
 
 
 def _as_head(head: torch.Tensor | LMHead | None) -> LMHead | None:
@@ -176,15 +189,16 @@ class _ChunkedLoss(torch.autograd.Function):
     """Computes the gradients during forward, chunk by chunk; backward scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, spec, student_hidden, student_weight, student_bias, teacher_hidden, labels):
-        kd, ce, agreements, grads = _run_chunks(
-            spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, ctx.needs_input_grad[1:4]
+    def forward(ctx, spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, kd_position_weights):
+        kd, ce, student_top1, teacher_top1, grads = _run_chunks(
+            spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, kd_position_weights,
+            ctx.needs_input_grad[1:4],
         )
         # Kept on ctx rather than saved for backward so that backward can scale them in place: a second copy of
         # the head's gradient would be the largest tensor of the whole loss.
         ctx.grads = grads
-        ctx.mark_non_differentiable(kd, ce, agreements)
-        return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, agreements
+        ctx.mark_non_differentiable(kd, ce, student_top1, teacher_top1)
+        return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, student_top1, teacher_top1
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -194,14 +208,21 @@ class _ChunkedLoss(torch.autograd.Function):
                 "for a second backward."
             )
         grads, ctx.grads = ctx.grads, None
-        return (None, *(None if grad is None else grad.mul_(grad_loss.to(grad.dtype)) for grad in grads), None, None)
+        scaled = (None if grad is None else grad.mul_(grad_loss.to(grad.dtype)) for grad in grads)
+        return (None, *scaled, None, None, None)
 
 
-def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, needs_grad):
-    """(kd, ce, agreements, (grad hidden, grad weight, grad bias)); a gradient is None where not needed."""
+def _run_chunks(
+    spec, student_hidden, student_weight, student_bias, teacher_hidden, labels, kd_position_weights, needs_grad
+):
+    """(kd, ce, student top-1 [N], teacher top-1 [N] (empty without a teacher), (grad hidden, grad weight, grad
+    bias)); a gradient is None where not needed."""
     dtype = torch.promote_types(student_weight.dtype, torch.float32)
-    zero = torch.zeros((), dtype=dtype, device=student_hidden.device)
-    kd, ce, agreements = zero.clone(), zero.clone(), zero.clone()
+    device = student_hidden.device
+    kd, ce = torch.zeros((), dtype=dtype, device=device), torch.zeros((), dtype=dtype, device=device)
+    n = student_hidden.shape[0]
+    student_top1 = torch.empty(n, dtype=torch.long, device=device)
+    teacher_top1 = torch.empty(0 if teacher_hidden is None else n, dtype=torch.long, device=device)
     want_hidden, want_weight, want_bias = needs_grad
     # Accumulated in at least fp32 whatever the head's dtype: many chunks add into every row.
     grad_weight = torch.zeros_like(student_weight, dtype=dtype) if want_weight else None
@@ -209,22 +230,22 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
     grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
     student = LMHead(student_weight, student_bias, spec.student_softcap)
     # As tensors, so that a compiled chunk function does not recompile for every new weight (e.g. 1 / token count).
-    weights = torch.tensor([spec.kd_weight, spec.ce_weight], dtype=dtype, device=student_hidden.device).unbind()
+    weights = [torch.as_tensor(weight, dtype=dtype, device=device) for weight in (spec.kd_weight, spec.ce_weight)]
     for start in range(0, student_hidden.shape[0], spec.chunk_size):
         rows = slice(start, start + spec.chunk_size)
         hidden = student_hidden[rows]
-        chunk_kd, chunk_ce, chunk_agreements, grad_logits = _chunk(
+        chunk_kd, chunk_ce, student_top1[rows], chunk_teacher_top1, grad_logits = _chunk(
             spec,
             student,
             hidden,
-            None if teacher_hidden is None else teacher_hidden[rows],
-            None if labels is None else labels[rows],
+            *(None if tensor is None else tensor[rows] for tensor in (teacher_hidden, labels, kd_position_weights)),
             any(needs_grad),
             weights,
         )
         kd += chunk_kd
         ce += chunk_ce
-        agreements += chunk_agreements
+        if chunk_teacher_top1 is not None:
+            teacher_top1[rows] = chunk_teacher_top1
         if want_hidden:
             grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
         if want_weight:
@@ -236,7 +257,7 @@ def _run_chunks(spec, student_hidden, student_weight, student_bias, teacher_hidd
         None if grad_weight is None else grad_weight.to(student_weight.dtype),
         None if grad_bias is None else grad_bias.to(student_bias.dtype),
     )
-    return kd, ce, agreements, grads
+    return kd, ce, student_top1, teacher_top1, grads
 
 
 def _accumulate_weight_gradient(grad_weight, grad_logits, hidden) -> None:
@@ -248,8 +269,11 @@ def _accumulate_weight_gradient(grad_weight, grad_logits, hidden) -> None:
         grad_weight += grad_logits.to(hidden.dtype).T @ hidden
 
 
-def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels, needs_grad: bool, weights):
-    """One chunk's (kd, ce, agreements, gradient of the weighted loss w.r.t. the student's pre-cap logits or None)."""
+def _chunk(
+    spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels, kd_position_weights, needs_grad, weights
+):
+    """One chunk's (kd, ce, student top-1, teacher top-1 or None, gradient of the weighted loss w.r.t. the
+    student's pre-cap logits or None)."""
     with torch.no_grad():
         # Logits in the heads' dtype; the terms upcast them per chunk (never the whole [N, V] tensor).
         student_logits = student.linear(student_hidden.detach())
@@ -260,6 +284,7 @@ def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels,
             student_logits,
             teacher_logits,
             labels,
+            kd_position_weights,
             *weights,
             spec.temperature,
             spec.student_softcap,
@@ -271,19 +296,21 @@ def _chunk(spec: _Spec, student: LMHead, student_hidden, teacher_hidden, labels,
 
 
 def _terms(
-    student_logits, teacher_logits, labels, kd_weight, ce_weight, temperature: float, student_softcap, teacher_softcap,
-    needs_grad: bool, divergence: str = "fkl", divergence_params: dict | None = None,
+    student_logits, teacher_logits, labels, kd_position_weights, kd_weight, ce_weight, temperature: float,
+    student_softcap, teacher_softcap, needs_grad: bool, divergence: str = "fkl", divergence_params: dict | None = None,
 ):
-    """(kd, ce, agreements, gradient of kd_weight·kd + ce_weight·ce w.r.t. the pre-cap student logits or None)."""
+    """(kd, ce, student top-1, teacher top-1 or None, gradient of kd_weight·kd + ce_weight·ce w.r.t. the pre-cap
+    student logits or None)."""
     logits = LMHead.cap_logits(_at_least_fp32(student_logits), student_softcap)
-    kd = ce = agreements = logits.new_zeros(())
-    grad = None
+    kd = ce = logits.new_zeros(())
+    student_top1, teacher_top1, grad = logits.argmax(-1), None, None
     if teacher_logits is not None:
         teacher_logits = LMHead.cap_logits(_at_least_fp32(teacher_logits), teacher_softcap)
         shared = logits[:, : teacher_logits.shape[1]]
-        agreements = (teacher_logits.argmax(-1) == shared.argmax(-1)).sum().to(kd.dtype)
+        student_top1, teacher_top1 = shared.argmax(-1), teacher_logits.argmax(-1)
         kd, grad = _kd_and_gradient(
-            teacher_logits, shared, temperature, kd_weight, needs_grad, divergence, divergence_params or {}
+            teacher_logits, shared, temperature, kd_weight, needs_grad, divergence, divergence_params or {},
+            kd_position_weights,
         )
         del teacher_logits
     if labels is not None:
@@ -296,7 +323,7 @@ def _terms(
             grad = F.pad(grad, (0, logits.shape[1] - grad.shape[1]))
         if student_softcap is not None:  # d/dx c·tanh(x/c) = 1 − tanh²(x/c)
             grad.mul_(1 - (logits / student_softcap).square())
-    return kd, ce, agreements, grad
+    return kd, ce, student_top1, teacher_top1, grad
 
 
 @functools.cache
@@ -314,22 +341,24 @@ def _compiled_terms():
     return terms
 
 
-def _kd_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, divergence, params):
-    """Σ D(teacher ‖ student) over the chunk and weight × its gradient w.r.t. `student_logits` (or None)."""
+def _kd_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, divergence, params, rows):
+    """Σ rows · D(teacher ‖ student) over the chunk (`rows`: per-position weights or None for 1) and weight × its
+    gradient w.r.t. `student_logits` (or None)."""
     if divergence == "fkl":
-        return _forward_kl_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad)
+        return _forward_kl_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, rows)
     leaf = student_logits.detach().requires_grad_(needs_grad)
     with torch.enable_grad():
-        kd = divergence_from_logprobs(
+        per_position = divergence_from_logprobs(
             _log_softmax(teacher_logits, temperature), _log_softmax(leaf, temperature), divergence, **params
-        ).sum()
+        )
+        kd = per_position.sum() if rows is None else (per_position * rows).sum()
     grad = torch.autograd.grad(kd, leaf)[0].mul_(weight) if needs_grad else None
     return kd.detach(), grad
 
 
-def _forward_kl_and_gradient(teacher_logits, student_logits, temperature: float, weight: float, needs_grad: bool):
-    """Σ KL(p ‖ q) and weight × (q − p) / τ, its gradient w.r.t. the student logits, reusing buffers in place
-    (`teacher_logits` among them: it holds the teacher's log-probabilities afterwards).
+def _forward_kl_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad: bool, rows):
+    """Σ rows · KL(p ‖ q) and weight × rows × (q − p) / τ, its gradient w.r.t. the student logits, reusing buffers
+    in place (`teacher_logits` among them: it holds the teacher's log-probabilities afterwards).
 
     The default divergence gets this closed form because autograd would keep about twice as many [chunk, V]
     buffers alive and make more passes over them.
@@ -339,8 +368,12 @@ def _forward_kl_and_gradient(teacher_logits, student_logits, temperature: float,
     p = teacher_logprobs.exp()
     # p · log(p/q) is 0 where p = 0, which also covers -inf − (-inf) on masked vocabulary entries.
     log_ratio = teacher_logprobs.sub_(student_logprobs).masked_fill_(p == 0, 0.0)
-    grad = student_logprobs.exp_().sub_(p).mul_(weight / temperature) if needs_grad else None
-    return p.mul_(log_ratio).sum(), grad
+    grad = None
+    if needs_grad:
+        scale = weight / temperature if rows is None else (weight / temperature) * rows.unsqueeze(1)
+        grad = student_logprobs.exp_().sub_(p).mul_(scale)
+    per_position = p.mul_(log_ratio).sum(-1)
+    return (per_position.sum() if rows is None else (per_position * rows).sum()), grad
 
 
 def _cross_entropy_and_gradient(logits, labels, weight: float, needs_grad: bool):

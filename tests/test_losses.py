@@ -380,3 +380,31 @@ def test_cuda_bfloat16_heads_stay_close_to_the_fp32_reference():
     )
     assert ours.item() == pytest.approx(reference.item(), rel=2e-2)
     assert_relatively_close(weight_grad.float(), grads(reference, as_fp32)[1], rel=2e-2)
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd"])
+def test_kd_position_weights_weight_each_positions_divergence_and_tensor_weights_work(name):
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    position_weights = (torch.arange(N) % 3 == 0).float() * 0.7  # a mask with a scale, as DSKD's agreement mask
+    kd_weight = torch.tensor(0.4)
+    sums = distill_loss_from_hidden(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, kd_weight=kd_weight,
+        kd_position_weights=position_weights, divergence=name, temperature=2.0, chunk_size=10,
+    )
+    student_logits, teacher_logits = student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T
+    per_position = divergence_per_position(teacher_logits, student_logits, name, 2.0)
+    reference = 0.4 * (per_position * position_weights).sum()
+    assert_relatively_close(sums.loss, reference)
+    assert_same_gradients(sums.loss, reference, (student_hidden, student_weight))
+
+
+def test_top1_outputs_are_the_argmaxes_of_both_models():
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(vocab_teacher=VOCAB - 11)
+    sums = distill_loss_from_hidden(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_size=7)
+    shared = VOCAB - 11
+    assert torch.equal(sums.teacher_top1, (teacher_hidden @ teacher_weight.T).argmax(-1))
+    assert torch.equal(sums.student_top1, (student_hidden @ student_weight[:shared].T).argmax(-1))
+    labels = torch.zeros(N, dtype=torch.long)
+    ce_only = distill_loss_from_hidden(student_hidden, student_weight, labels=labels, chunk_size=7)
+    assert ce_only.teacher_top1 is None
+    assert torch.equal(ce_only.student_top1, (student_hidden @ student_weight.T).argmax(-1))
