@@ -86,6 +86,20 @@ class DistillConfig(TrainingArguments):
     scale_kd_by_temperature_squared: bool = field(
         default=False, metadata={"help": "Multiply the KD term by temperature² (Hinton); off as in the DSKD scripts."}
     )
+    dskd_s2t: str = field(
+        default="closed_form",
+        metadata={
+            "help": "DSKD student→teacher projector: closed_form (W_S·pinv(W_T) on the shared ids, recomputed when "
+            "the student head changes) or learned (initialised to that, then trained)."
+        },
+    )
+    dskd_spaces: str = field(
+        default="both",
+        metadata={"help": "DSKD ablations: both spaces, student (student space only) or teacher (teacher space only)."},
+    )
+    projector_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the DSKD projectors (their own parameter group)."}
+    )
     loss_chunk_size: int | None = field(
         default=None,
         metadata={
@@ -113,6 +127,12 @@ class DistillConfig(TrainingArguments):
         validate_divergence(self.divergence, self.jsd_beta, self.skew_alpha, self.akl_mu, self.temperature)
         if not 0.0 <= self.alpha_kd <= 1.0:
             raise ValueError(f"alpha_kd={self.alpha_kd} must lie in [0, 1] (0 = CE only, 1 = KD only).")
+        if self.dskd_s2t not in ("closed_form", "learned"):
+            raise ValueError(f"dskd_s2t={self.dskd_s2t!r} is unknown: choose closed_form or learned.")
+        if self.dskd_spaces not in ("both", "student", "teacher"):
+            raise ValueError(f"dskd_spaces={self.dskd_spaces!r} is unknown: choose both, student or teacher.")
+        if not self.projector_learning_rate > 0:
+            raise ValueError(f"projector_learning_rate={self.projector_learning_rate} must be > 0.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be ≥ 1, or unset to choose automatically.")
         if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):

@@ -137,6 +137,17 @@ def distill_loss_from_hidden(
     return LossSums(loss, kd, ce, agreements, student_hidden.shape[0], student_top1, teacher_top1)
 
 
+@torch.no_grad()
+def top1_from_hidden(hidden: torch.Tensor, head: torch.Tensor | LMHead, rows: int | None = None, chunk_size=None):
+    """[N] argmax over the first `rows` ids (all by default) of `head` applied to `hidden`, chunk by chunk."""
+    head = _as_head(head)
+    chunk_size = chunk_size or default_chunk_size(head.weight.shape[0])
+    return torch.cat(
+        [head.logits(hidden[start : start + chunk_size], rows).argmax(-1) for start in range(0, len(hidden), chunk_size)]
+        or [torch.empty(0, dtype=torch.long, device=hidden.device)]
+    )
+
+
 def _as_head(head: torch.Tensor | LMHead | None) -> LMHead | None:
     return LMHead(head) if isinstance(head, torch.Tensor) else head
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import resource
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from .config import DistillConfig
 from .data import IGNORE_INDEX, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
-from .losses import LossSums, distill_loss_from_hidden
+from .losses import distill_loss_from_hidden
 from .models import LMHead, freeze, load_model, load_tokenizer, supervised_hidden_states
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, ObjectiveOutput
 from .vocab import same_tokens, shared_vocab_size
+
+PROJECTORS_FILENAME = "projectors.safetensors"
 
 
 class DistillTrainer(Trainer):
@@ -83,9 +87,7 @@ class DistillTrainer(Trainer):
                 teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
             self.teacher = freeze(teacher).to(self.args.device)
             shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))  # raises if unsafe
-            self.objective = OBJECTIVES[args.objective](
-                args.divergence_params(), args.scale_kd_by_temperature_squared, args.loss_chunk_size
-            )
+            self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
@@ -115,29 +117,32 @@ class DistillTrainer(Trainer):
         student_hidden = supervised_hidden_states(model, input_ids, attention_mask, supervised)
         student_head = LMHead.of(self.accelerator.unwrap_model(model))
         denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
-        sums = self._loss_sums(student_hidden, student_head, inputs, supervised, targets[supervised], denominator)
-        loss = sums.loss
+        output = self._objective_output(
+            student_hidden, student_head, inputs, supervised, targets[supervised], denominator
+        )
+        loss = output.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"the loss is not finite (ce sum {sums.ce.item()}, kd sum {sums.kd.item()}): lower the learning rate "
-                "or load the models in float32 (model_dtype)."
+                f"the loss is not finite (ce sum {output.ce.item()}, kd sum {float(output.kd)}): lower the learning "
+                "rate or load the models in float32 (model_dtype)."
             )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; undo it
-        self._record(sums, local_tokens)
+        self._record(output, local_tokens)
         return (loss, None) if return_outputs else loss
 
-    def _loss_sums(self, student_hidden, student_head, inputs, supervised, labels, denominator) -> LossSums:
+    def _objective_output(self, student_hidden, student_head, inputs, supervised, labels, denominator):
         """CE (and KD against the teacher) over the supervised positions, each sum weighted and divided by the step's
         token count."""
         if self.teacher is None:
-            return distill_loss_from_hidden(
+            sums = distill_loss_from_hidden(
                 student_hidden,
                 student_head,
                 labels=labels,
                 ce_weight=1 / denominator,
                 chunk_size=self.args.loss_chunk_size,
             )
+            return ObjectiveOutput(sums.loss, sums.ce, sums.kd, {})
         with torch.no_grad():
             teacher_hidden = supervised_hidden_states(
                 self.teacher, inputs["input_ids"], inputs["attention_mask"], supervised
@@ -153,13 +158,14 @@ class DistillTrainer(Trainer):
             kd_weight=alpha / denominator,
         )
 
-    def _record(self, sums: LossSums, tokens: int) -> None:
+    def _record(self, output: ObjectiveOutput, tokens: int) -> None:
         """Keeps per-token terms as tensors; `log` reads them, so a step waits on no device-to-host copy here."""
         metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["ce"].append(sums.ce / tokens)
+        metrics["ce"].append(output.ce.detach() / tokens)
         if self.teacher is not None:
-            metrics["kd"].append(sums.kd / tokens)
-            metrics["top1_agreement"].append(100 * sums.top1_agreements / tokens)
+            metrics["kd"].append(torch.as_tensor(output.kd).detach() / tokens)
+        for name, value in output.metrics.items():
+            metrics[name].append(torch.as_tensor(value).detach())
         if self.model.training:
             self._tokens_since_log += tokens
 
@@ -183,11 +189,40 @@ class DistillTrainer(Trainer):
             self._tokens_since_log, self._last_log_time = 0, now
         super().log(logs, start_time)
 
+    @property
+    def projectors(self) -> torch.nn.Module | None:
+        """The objective's own trainable modules (DSKD's projectors), if it has any."""
+        return getattr(self.objective, "projectors", None)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, plus the projectors as their own parameter group (projector_learning_rate)."""
+        optimizer = super().create_optimizer(model)
+        trainable = [p for p in self.projectors.parameters() if p.requires_grad] if self.projectors else []
+        if trainable and not any(group.get("projectors") for group in optimizer.param_groups):
+            optimizer.add_param_group(
+                {"params": trainable, "lr": self.args.projector_learning_rate, "weight_decay": 0.0, "projectors": True}
+            )
+        return optimizer
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """A plain HF folder (weights, config, tokenizer) plus the resolved `distill_config.yaml`."""
+        """A plain HF folder (weights, config, tokenizer), the resolved `distill_config.yaml` and, for DSKD,
+        `projectors.safetensors` beside it."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            self.args.save_yaml(output_dir or self.args.output_dir)
+            directory = Path(output_dir or self.args.output_dir)
+            self.args.save_yaml(directory)
+            if self.projectors is not None:
+                save_file(_contiguous(self.projectors.state_dict()), directory / PROJECTORS_FILENAME)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / PROJECTORS_FILENAME
+        if self.projectors is not None and path.is_file():
+            self.projectors.load_state_dict(load_file(path, device=str(self.args.device)))
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 
 def _first_given(*candidates, name: str):

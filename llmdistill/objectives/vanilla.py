@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import LossSums, distill_loss_from_hidden
+from ..losses import distill_loss_from_hidden
 from ..models import LMHead
+from .output import ObjectiveOutput
 
 
 class VanillaKD:
@@ -15,10 +16,12 @@ class VanillaKD:
     are compared over the ids both heads have; `vocab.shared_vocab_size` checks that this is safe.
     """
 
-    def __init__(self, divergence_params: dict, temperature_squared: bool = False, chunk_size: int | None = None):
-        self.divergence_params = divergence_params
-        self.kd_scale = divergence_params["temperature"] ** 2 if temperature_squared else 1.0
-        self.chunk_size = chunk_size
+    projectors = None
+
+    def __init__(self, config, student=None, teacher=None):
+        self.divergence_params = config.divergence_params()
+        self.kd_scale = config.temperature**2 if config.scale_kd_by_temperature_squared else 1.0
+        self.chunk_size = config.loss_chunk_size
 
     def __call__(
         self,
@@ -29,8 +32,8 @@ class VanillaKD:
         labels: torch.Tensor,
         ce_weight: float,
         kd_weight: float,
-    ) -> LossSums:
-        return distill_loss_from_hidden(
+    ) -> ObjectiveOutput:
+        sums = distill_loss_from_hidden(
             student_hidden,
             student_head,
             teacher_hidden,
@@ -41,3 +44,4 @@ class VanillaKD:
             chunk_size=self.chunk_size,
             **self.divergence_params,
         )
+        return ObjectiveOutput(sums.loss, sums.ce, sums.kd, {"top1_agreement": 100 * sums.top1_agreements / sums.count})

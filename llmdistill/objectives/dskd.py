@@ -1,0 +1,156 @@
+"""Dual-space KD (DSKD, METHODS §2): project hidden states so that both distributions of each pair come out of
+the same head. Student space: teacher states through P_ts and the (frozen-for-this-term) student head. Teacher
+space: student states through P_st and the teacher head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses import distill_loss_from_hidden, top1_from_hidden
+from ..models import LMHead
+from .output import ObjectiveOutput
+
+SPACES = ("both", "student", "teacher")
+S2T_MODES = ("closed_form", "learned")
+
+
+def least_squares_map(source_rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
+    """X minimising ‖source_rows · X − target_rows‖ (rows: vocabulary ids), i.e. pinv(source_rows) · target_rows.
+
+    Computed as pinv(AᵀA) · AᵀB with the Gram matrices in float64, so no [V, d] pseudo-inverse is stored.
+    """
+    source, target = source_rows.detach().double(), target_rows.detach().double()
+    return (torch.linalg.pinv(source.T @ source) @ (source.T @ target)).float()
+
+
+class DualSpaceProjectors(nn.Module):
+    """t2s maps teacher states [.., D] into the student space [.., d]; s2t maps student states into the teacher's.
+
+    v2: both ideal-initialised on the shared ids C, no bias. t2s = P_tsᵀ = pinv(W_S[C]) · W_T[C] (head rows as
+    stored: [V, width]); s2t either closed form (P_stᵀ = pinv(W_T[C]) · W_S[C], recomputed whenever the student
+    head changes, no gradient) or learned (initialised to that value). v1: random-init Linear layers with bias.
+    """
+
+    def __init__(self, student_head: LMHead, teacher_head: LMHead, shared_rows: int, version: str, s2t: str):
+        super().__init__()
+        student_width, teacher_width = student_head.weight.shape[1], teacher_head.weight.shape[1]
+        self.version, self.s2t_mode, self.shared_rows = version, s2t, shared_rows
+        v1 = version == "v1"
+        self.t2s = nn.Linear(teacher_width, student_width, bias=v1)
+        self.s2t = nn.Linear(student_width, teacher_width, bias=v1)
+        self._closed_form_key = None
+        if v1:
+            return
+        teacher_rows = teacher_head.weight[:shared_rows]
+        with torch.no_grad():
+            self.t2s.weight.copy_(least_squares_map(student_head.weight[:shared_rows], teacher_rows))
+        # pinv(W_T[C]) = pinv(W_T[C]ᵀ W_T[C]) · W_T[C]ᵀ: keep the small [D, D] factor; the teacher never changes.
+        teacher = teacher_rows.detach().double()
+        self.register_buffer("teacher_gram_pinv", torch.linalg.pinv(teacher.T @ teacher).float(), persistent=False)
+        self.refresh_s2t(student_head.weight, teacher_head.weight)
+        self.s2t.weight.requires_grad_(s2t == "learned")
+
+    @torch.no_grad()
+    def refresh_s2t(self, student_weight: torch.Tensor, teacher_weight: torch.Tensor) -> None:
+        """Recompute the closed-form s2t when the student head changed (an optimizer step bumps its version)."""
+        key = (student_weight.data_ptr(), student_weight._version)
+        if self.version == "v1" or (self.s2t_mode == "learned" and self._closed_form_key is not None):
+            return
+        if key == self._closed_form_key:
+            return
+        shared = self.shared_rows
+        cross = teacher_weight[:shared].float().T @ student_weight[:shared].float()  # W_T[C]ᵀ W_S[C]: [D, d]
+        self.s2t.weight.copy_(self.teacher_gram_pinv @ cross)
+        self._closed_form_key = key
+
+    def to_student_space(self, teacher_hidden: torch.Tensor) -> torch.Tensor:
+        return self.t2s(teacher_hidden.to(self.t2s.weight.dtype))
+
+    def to_teacher_space(self, student_hidden: torch.Tensor) -> torch.Tensor:
+        return self.s2t(student_hidden.to(self.s2t.weight.dtype))
+
+
+class DualSpaceKD:
+    """KD = L_kd_ts + L_ce_ts + L_kd_st (METHODS §2); per-micro-batch means, returned as sums over its N positions
+    (× N) so that the trainer's division by the step's token count gives each term's mean.
+
+    * student space: Z_ts = t2s(H_T) · stopgrad(W_S); ŷ = the teacher's own top-1 (v2) or the gold token (v1);
+      L_ce_ts = CE(Z_ts, ŷ) trains t2s only; a = [argmax Z_ts = ŷ]; L_kd_ts = Σ_a D(stopgrad Z_ts ‖ z_S) / Σ a.
+    * teacher space: Z_st = s2t(H_S) · W_T (teacher head frozen); L_kd_st = Σ D(z_T ‖ Z_st) / N (v1: always fkl).
+    """
+
+    def __init__(self, config, student, teacher, version: str = "v2"):
+        self.version = version
+        self.divergence_params = config.divergence_params()
+        self.kd_scale = config.temperature**2 if config.scale_kd_by_temperature_squared else 1.0
+        self.chunk_size = config.loss_chunk_size
+        self.spaces = config.dskd_spaces
+        student_head, teacher_head = LMHead.of(student), LMHead.of(teacher)
+        self.shared_rows = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
+        self.projectors = DualSpaceProjectors(
+            student_head, teacher_head, self.shared_rows, version, config.dskd_s2t
+        ).to(student_head.weight.device)
+
+    def __call__(self, student_hidden, student_head, teacher_hidden, teacher_head, labels, ce_weight, kd_weight):
+        n = student_hidden.shape[0]
+        kd_weight = kd_weight * self.kd_scale
+        teacher_head = _first_rows(teacher_head, self.shared_rows)
+        terms, metrics, loss = {}, {}, 0.0
+        teacher_top1 = None
+        if self.spaces != "student":
+            self.projectors.refresh_s2t(student_head.weight, teacher_head.weight)
+            params = self.divergence_params | ({"divergence": "fkl"} if self.version == "v1" else {})
+            teacher_space = distill_loss_from_hidden(
+                self.projectors.to_teacher_space(student_hidden), teacher_head, teacher_hidden, teacher_head,
+                kd_weight=kd_weight, chunk_size=self.chunk_size, **params,
+            )
+            loss = loss + teacher_space.loss
+            terms["kd_st"] = teacher_space.kd
+            metrics["s2t_agreement"] = 100 * teacher_space.top1_agreements / n
+            teacher_top1 = teacher_space.teacher_top1
+        if self.spaces == "teacher":
+            gold = distill_loss_from_hidden(
+                student_hidden, student_head, labels=labels, ce_weight=ce_weight, chunk_size=self.chunk_size
+            )
+            return self._output(loss + gold.loss, gold.ce, terms, metrics, n)
+        if self.version == "v1":
+            targets = labels
+        else:
+            targets = teacher_top1 if teacher_top1 is not None else top1_from_hidden(
+                teacher_hidden, teacher_head, chunk_size=self.chunk_size
+            )
+        projected = self.projectors.to_student_space(teacher_hidden)
+        frozen_student_head = LMHead(
+            student_head.weight.detach(), _detached(student_head.bias), student_head.softcap
+        )
+        student_space_ce = distill_loss_from_hidden(
+            projected, frozen_student_head, labels=targets, ce_weight=kd_weight, chunk_size=self.chunk_size
+        )
+        agreement = (student_space_ce.student_top1 == targets).float()
+        agreeing = agreement.sum()
+        student_space = distill_loss_from_hidden(
+            student_hidden, student_head, projected.detach(), frozen_student_head, labels,
+            ce_weight=ce_weight, kd_weight=kd_weight * n / agreeing.clamp_min(1), kd_position_weights=agreement,
+            chunk_size=self.chunk_size, **self.divergence_params,
+        )
+        loss = loss + student_space_ce.loss + student_space.loss
+        terms["kd_ts"] = student_space.kd * n / agreeing.clamp_min(1)
+        terms["ce_ts"] = student_space_ce.ce
+        metrics["t2s_accuracy"] = 100 * agreeing / n
+        return self._output(loss, student_space.ce, terms, metrics, n)
+
+    @staticmethod
+    def _output(loss, ce_sum, terms: dict, metrics: dict, n: int) -> ObjectiveOutput:
+        kd_sum = sum(terms.values())
+        per_token = {name: value / n for name, value in terms.items()}
+        return ObjectiveOutput(loss, ce_sum, kd_sum, per_token | metrics)
+
+
+def _first_rows(head: LMHead, rows: int) -> LMHead:
+    bias = None if head.bias is None else head.bias[:rows]
+    return LMHead(head.weight[:rows], bias, head.softcap)
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
