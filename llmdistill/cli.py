@@ -18,11 +18,15 @@ def main(argv: list[str] | None = None) -> None:
     quickstart.add_argument("--output-dir", default="llmdistill-quickstart", help="where everything is written")
     quickstart.add_argument("--seed", type=int, default=0, help="data, initialisation and training seed")
     quickstart.add_argument("--smoke", action="store_true", help="a seconds-long run of the same code path")
+    quickstart.add_argument(
+        "--objective", default="vanilla", choices=["vanilla", "dskd", "dskd_v1"],
+        help="how the distilled student is trained (the other student is always SFT)",
+    )
     args = parser.parse_args(argv)
 
     from .quickstart.run import run_quickstart
 
-    run_quickstart(args.output_dir, seed=args.seed, smoke=args.smoke)
+    run_quickstart(args.output_dir, seed=args.seed, smoke=args.smoke, objectives=("sft", args.objective))
 
 
 def _train(arguments: list[str]) -> None:

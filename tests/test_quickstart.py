@@ -20,3 +20,15 @@ def test_smoke_quickstart_writes_results_and_reuses_the_teacher(tmp_path, capsys
     run_quickstart(tmp_path, smoke=True)
     assert "reusing the teacher" in capsys.readouterr().out
     assert (tmp_path / "teacher" / "model.safetensors").stat().st_mtime_ns == teacher_weights
+
+
+def test_quickstart_objective_dskd_trains_a_dskd_student_beside_sft(tmp_path):
+    from llmdistill.cli import main
+
+    main(["quickstart", "--smoke", "--objective", "dskd", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["models"]) == {"teacher", "student-sft", "student-dskd"}
+    assert results["models"]["student-dskd"]["seconds_per_step"] > 0
+    assert (tmp_path / "student-dskd" / "projectors.safetensors").is_file()
+    history = json.loads((tmp_path / "student-dskd" / "log_history.json").read_text())
+    assert any("t2s_accuracy" in entry for entry in history)

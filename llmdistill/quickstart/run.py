@@ -58,9 +58,20 @@ class TrainingRun:
     batch_size: int
 
 
-def run_quickstart(output_dir: str | Path = "llmdistill-quickstart", seed: int = 0, smoke: bool = False) -> dict:
-    """Writes the task (data/*.jsonl), the models, results.json, results.md and training_curves.png."""
+def run_quickstart(
+    output_dir: str | Path = "llmdistill-quickstart",
+    seed: int = 0,
+    smoke: bool = False,
+    objectives: tuple[str, ...] = ("sft", "vanilla"),
+    student_seed: int | None = None,
+) -> dict:
+    """Writes the task (data/*.jsonl), the models, results.json, results.md and training_curves.png.
+
+    `seed` fixes the task and the teacher (cached across runs); each objective in `objectives` trains one student
+    from the same initialisation, drawn (with its data order) from `student_seed` (default: `seed`).
+    """
     settings, out = (SMOKE if smoke else DEFAULT), Path(output_dir)
+    student_seed = seed if student_seed is None else student_seed
     started = time.perf_counter()
     train_rows, eval_rows = make_splits(seed, settings.n_train, settings.n_eval)
     for name, rows in (("train", train_rows), ("held_out", eval_rows)):
@@ -68,12 +79,16 @@ def run_quickstart(output_dir: str | Path = "llmdistill-quickstart", seed: int =
     tokenizer = _tokenizer(out / "tokenizer", train_rows, settings.vocab_size)
     train_set = _tokenised(train_rows, tokenizer, "train")
     teacher_dir = _teacher(out, tokenizer, train_set, settings, seed)
-    student_init = _save_init(out / "student-init", tokenizer, settings.student_shape, seed + 1)
+    student_init = _save_init(out / "student-init", tokenizer, settings.student_shape, student_seed + 1)
     histories = {"teacher": json.loads((teacher_dir / "log_history.json").read_text())}
-    for name, objective in (("student-sft", "sft"), ("student-kd", "vanilla")):
+    for objective in objectives:
         run = TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size)
-        histories[name] = _train(out / name, student_init, teacher_dir, run, tokenizer, train_set, seed)
-    results = _evaluate(out, tokenizer, eval_rows, settings.max_new_tokens)
+        name = student_name(objective)
+        histories[name] = _train(out / name, student_init, teacher_dir, run, tokenizer, train_set, student_seed)
+    results = _evaluate(out, tokenizer, eval_rows, settings.max_new_tokens, [student_name(o) for o in objectives])
+    for objective in objectives:
+        summary = histories[student_name(objective)][-1]
+        results["models"][student_name(objective)]["seconds_per_step"] = summary["train_runtime"] / summary["step"]
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     table = results_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -82,6 +97,10 @@ def run_quickstart(output_dir: str | Path = "llmdistill-quickstart", seed: int =
     print(table)
     print(f"\nwritten under {out}/ in {results['wall_time_s']} s: results.json, results.md, training_curves.png")
     return results
+
+
+def student_name(objective: str) -> str:
+    return {"sft": "student-sft", "vanilla": "student-kd"}.get(objective, f"student-{objective}")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -162,13 +181,13 @@ def _train(directory: Path, student_dir: Path, teacher_dir: Path | None, run: Tr
     return history
 
 
-def _evaluate(out: Path, tokenizer, eval_rows: list[dict], max_new_tokens: int) -> dict:
+def _evaluate(out: Path, tokenizer, eval_rows: list[dict], max_new_tokens: int, students: list[str]) -> dict:
     prompts = [row["prompt"] for row in eval_rows]
     references = [row["response"] for row in eval_rows]
     held_out = _tokenised(eval_rows, tokenizer, "held-out")
     teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")
     results = {"models": {}}
-    for name in ("teacher", "student-sft", "student-kd"):
+    for name in ["teacher", *students]:
         model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(out / name)
         predictions = generate_responses(model, tokenizer, prompts, max_new_tokens)
         row = {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
