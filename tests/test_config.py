@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -47,3 +49,9 @@ def test_unknown_yaml_key_names_the_key_and_a_suggestion(tmp_path):
 def test_invalid_values_name_the_field(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(output_dir=str(tmp_path), **options)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_a_valid_distill_config(path, tmp_path):
+    config = DistillConfig.from_yaml(path, ["--output_dir", str(tmp_path)])
+    assert config.objective in ("sft", "vanilla", "dskd", "dskd_v1")

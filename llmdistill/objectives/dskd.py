@@ -48,21 +48,21 @@ class DualSpaceProjectors(nn.Module):
         # pinv(W_T[C]) = pinv(W_T[C]ᵀ W_T[C]) · W_T[C]ᵀ: keep the small [D, D] factor; the teacher never changes.
         teacher = teacher_rows.detach().double()
         self.register_buffer("teacher_gram_pinv", torch.linalg.pinv(teacher.T @ teacher).float(), persistent=False)
-        self.refresh_s2t(student_head.weight, teacher_head.weight)
+        self._set_closed_form_s2t(student_head.weight, teacher_head.weight)
         self.s2t.weight.requires_grad_(s2t == "learned")
 
-    @torch.no_grad()
     def refresh_s2t(self, student_weight: torch.Tensor, teacher_weight: torch.Tensor) -> None:
-        """Recompute the closed-form s2t when the student head changed (an optimizer step bumps its version)."""
-        key = (student_weight.data_ptr(), student_weight._version)
-        if self.version == "v1" or (self.s2t_mode == "learned" and self._closed_form_key is not None):
-            return
-        if key == self._closed_form_key:
-            return
+        """Recompute the closed-form s2t if the student head changed since (an optimizer step bumps its version)."""
+        if self.version == "v2" and self.s2t_mode == "closed_form":
+            if (student_weight.data_ptr(), student_weight._version) != self._closed_form_key:
+                self._set_closed_form_s2t(student_weight, teacher_weight)
+
+    @torch.no_grad()
+    def _set_closed_form_s2t(self, student_weight: torch.Tensor, teacher_weight: torch.Tensor) -> None:
         shared = self.shared_rows
         cross = teacher_weight[:shared].float().T @ student_weight[:shared].float()  # W_T[C]ᵀ W_S[C]: [D, d]
         self.s2t.weight.copy_(self.teacher_gram_pinv @ cross)
-        self._closed_form_key = key
+        self._closed_form_key = (student_weight.data_ptr(), student_weight._version)
 
     def to_student_space(self, teacher_hidden: torch.Tensor) -> torch.Tensor:
         return self.t2s(teacher_hidden.to(self.t2s.weight.dtype))
@@ -96,15 +96,9 @@ class DualSpaceKD:
         n = student_hidden.shape[0]
         kd_weight = kd_weight * self.kd_scale
         teacher_head = _first_rows(teacher_head, self.shared_rows)
-        terms, metrics, loss = {}, {}, 0.0
-        teacher_top1 = None
+        terms, metrics, loss, teacher_top1 = {}, {}, 0.0, None
         if self.spaces != "student":
-            self.projectors.refresh_s2t(student_head.weight, teacher_head.weight)
-            params = self.divergence_params | ({"divergence": "fkl"} if self.version == "v1" else {})
-            teacher_space = distill_loss_from_hidden(
-                self.projectors.to_teacher_space(student_hidden), teacher_head, teacher_hidden, teacher_head,
-                kd_weight=kd_weight, chunk_size=self.chunk_size, **params,
-            )
+            teacher_space = self._teacher_space(student_hidden, student_head, teacher_hidden, teacher_head, kd_weight)
             loss = loss + teacher_space.loss
             terms["kd_st"] = teacher_space.kd
             metrics["s2t_agreement"] = 100 * teacher_space.top1_agreements / n
@@ -116,29 +110,44 @@ class DualSpaceKD:
             return self._output(loss + gold.loss, gold.ce, terms, metrics, n)
         if self.version == "v1":
             targets = labels
+        elif teacher_top1 is None:
+            targets = top1_from_hidden(teacher_hidden, teacher_head, chunk_size=self.chunk_size)
         else:
-            targets = teacher_top1 if teacher_top1 is not None else top1_from_hidden(
-                teacher_hidden, teacher_head, chunk_size=self.chunk_size
-            )
+            targets = teacher_top1
+        space_loss, gold_ce, student_terms, agreeing = self._student_space(
+            student_hidden, student_head, teacher_hidden, labels, targets, ce_weight, kd_weight
+        )
+        metrics["t2s_accuracy"] = 100 * agreeing / n
+        return self._output(loss + space_loss, gold_ce, terms | student_terms, metrics, n)
+
+    def _teacher_space(self, student_hidden, student_head, teacher_hidden, teacher_head, kd_weight):
+        """Σ D(z_T ‖ s2t(H_S) · W_T): the student states read by the frozen teacher head."""
+        self.projectors.refresh_s2t(student_head.weight, teacher_head.weight)
+        params = self.divergence_params | ({"divergence": "fkl"} if self.version == "v1" else {})
+        return distill_loss_from_hidden(
+            self.projectors.to_teacher_space(student_hidden), teacher_head, teacher_hidden, teacher_head,
+            kd_weight=kd_weight, chunk_size=self.chunk_size, **params,
+        )
+
+    def _student_space(self, student_hidden, student_head, teacher_hidden, labels, targets, ce_weight, kd_weight):
+        """(loss, gold CE sum, {kd_ts, ce_ts} as sums, agreeing positions) of the student-space terms, with the gold
+        CE of the student fused into the same pass over its logits."""
+        n = student_hidden.shape[0]
         projected = self.projectors.to_student_space(teacher_hidden)
-        frozen_student_head = LMHead(
-            student_head.weight.detach(), _detached(student_head.bias), student_head.softcap
+        fixed_head = LMHead(student_head.weight.detach(), _detached(student_head.bias), student_head.softcap)
+        projected_ce = distill_loss_from_hidden(
+            projected, fixed_head, labels=targets, ce_weight=kd_weight, chunk_size=self.chunk_size
         )
-        student_space_ce = distill_loss_from_hidden(
-            projected, frozen_student_head, labels=targets, ce_weight=kd_weight, chunk_size=self.chunk_size
-        )
-        agreement = (student_space_ce.student_top1 == targets).float()
+        agreement = (projected_ce.student_top1 == targets).float()
         agreeing = agreement.sum()
+        per_agreeing = n / agreeing.clamp_min(1)  # L_kd_ts is a mean over the agreeing positions
         student_space = distill_loss_from_hidden(
-            student_hidden, student_head, projected.detach(), frozen_student_head, labels,
-            ce_weight=ce_weight, kd_weight=kd_weight * n / agreeing.clamp_min(1), kd_position_weights=agreement,
+            student_hidden, student_head, projected.detach(), fixed_head, labels,
+            ce_weight=ce_weight, kd_weight=kd_weight * per_agreeing, kd_position_weights=agreement,
             chunk_size=self.chunk_size, **self.divergence_params,
         )
-        loss = loss + student_space_ce.loss + student_space.loss
-        terms["kd_ts"] = student_space.kd * n / agreeing.clamp_min(1)
-        terms["ce_ts"] = student_space_ce.ce
-        metrics["t2s_accuracy"] = 100 * agreeing / n
-        return self._output(loss, student_space.ce, terms, metrics, n)
+        terms = {"kd_ts": student_space.kd * per_agreeing, "ce_ts": projected_ce.ce}
+        return projected_ce.loss + student_space.loss, student_space.ce, terms, agreeing
 
     @staticmethod
     def _output(loss, ce_sum, terms: dict, metrics: dict, n: int) -> ObjectiveOutput:
