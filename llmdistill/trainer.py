@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from .config import DistillConfig
 from .data import IGNORE_INDEX, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
@@ -88,6 +88,8 @@ class DistillTrainer(Trainer):
             self.teacher = freeze(teacher).to(self.args.device)
             shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))  # raises if unsafe
             self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher)
+            if self.projectors is not None:
+                self.add_callback(_ZeroProjectorGradients(self.projectors))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
@@ -219,6 +221,16 @@ class DistillTrainer(Trainer):
         path = Path(resume_from_checkpoint) / PROJECTORS_FILENAME
         if self.projectors is not None and path.is_file():
             self.projectors.load_state_dict(load_file(path, device=str(self.args.device)))
+
+
+class _ZeroProjectorGradients(TrainerCallback):
+    """After each optimizer step the Trainer zeroes the model's gradients; the projectors are not in the model."""
+
+    def __init__(self, projectors: torch.nn.Module):
+        self.projectors = projectors
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.projectors.zero_grad(set_to_none=True)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

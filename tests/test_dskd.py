@@ -238,3 +238,18 @@ def test_projectors_get_their_own_learning_rate_are_saved_and_restored_on_resume
     saved = load_file(out / "checkpoint-1" / "projectors.safetensors")
     for name, tensor in resumed.projectors.state_dict().items():
         torch.testing.assert_close(tensor, saved[name])
+
+
+def test_resuming_from_a_checkpoint_continues_with_the_saved_projectors(tmp_path, tokenizer, examples):
+    options = dict(
+        dskd_s2t="learned", max_steps=3, save_strategy="steps", save_steps=1, lr_scheduler_type="constant",
+        optim="sgd", max_grad_norm=0.0,
+    )
+    uninterrupted = make_trainer(tmp_path / "a", tokenizer, examples, **options)
+    uninterrupted.train()
+    resumed = make_trainer(tmp_path / "b", tokenizer, examples, **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    for name, tensor in uninterrupted.projectors.state_dict().items():
+        torch.testing.assert_close(resumed.projectors.state_dict()[name], tensor, rtol=1e-5, atol=1e-7)
+    for mine, theirs in zip(resumed.model.parameters(), uninterrupted.model.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
