@@ -1,4 +1,4 @@
-"""Peak memory and time per step of DistillTrainer (vanilla KD) for a small and a large vocabulary.
+"""Peak memory and time per step of DistillTrainer (vanilla KD by default) for a small and a large vocabulary.
 
 Uses only the public DistillConfig/DistillTrainer API, so the same script measures any commit: put that commit's
 checkout first on PYTHONPATH (see benchmarks/results/trainer_memory.md for the before/after of the chunked loss).
@@ -81,7 +81,7 @@ def save_model(directory: Path, tokenizer, shape, seed: int) -> Path:
     return directory
 
 
-def measure(case: str, steps: int, device: str, model_dtype: str) -> dict:
+def measure(case: str, steps: int, device: str, model_dtype: str, objective: str = "vanilla") -> dict:
     tokenizer_kind, data_kind, teacher_shape, student_shape, batch_size = CASES[case]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -90,6 +90,7 @@ def measure(case: str, steps: int, device: str, model_dtype: str) -> dict:
             tokenizer.pad_token = tokenizer.eos_token
         config = DistillConfig(
             output_dir=str(tmp / "out"),
+            objective=objective,
             teacher_model_name_or_path=str(save_model(tmp / "teacher", tokenizer, teacher_shape, 0)),
             student_model_name_or_path=str(save_model(tmp / "student", tokenizer, student_shape, 1)),
             dataset_name_or_path=str(write_data(data_kind, tmp / "train.jsonl")),
@@ -118,6 +119,7 @@ def measure(case: str, steps: int, device: str, model_dtype: str) -> dict:
         "commit": _commit(),
         "device": device,
         "model_dtype": model_dtype,
+        "objective": objective,
         "vocab_rows": trainer.model.get_output_embeddings().weight.shape[0],
         "batch_size": batch_size,
         "steps": steps,
@@ -139,8 +141,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--objective", default="vanilla", help="any DistillConfig objective (vanilla, dskd, ...)")
     args = parser.parse_args()
-    print(json.dumps(measure(args.case, args.steps, args.device, args.model_dtype)))
+    print(json.dumps(measure(args.case, args.steps, args.device, args.model_dtype, args.objective)))
 
 
 if __name__ == "__main__":
