@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from llmdistill.divergences import divergence_per_position
 from llmdistill.losses import default_chunk_size, distill_loss_from_hidden
+from llmdistill.trainer import peak_memory_mb
 
 STUDENT_WIDTH, TEACHER_WIDTH = 896, 1536  # Qwen2.5-0.5B student, Qwen2.5-1.5B teacher
 RESULTS = Path(__file__).parent / "results" / "loss_memory.csv"
@@ -103,12 +103,6 @@ def liger_loss(student_hidden, student_head, teacher_hidden, teacher_head, label
 LOSSES = {"reference": reference_loss, "chunked": chunked_loss, "liger": liger_loss}
 
 
-def peak_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def measure(method: str, positions: int, vocab: int, args) -> dict:
     """Runs in the worker subprocess: a small warm-up, the first full run for memory, the best time of all."""
     loss_fn = LOSSES[method]
@@ -127,9 +121,9 @@ def measure(method: str, positions: int, vocab: int, args) -> dict:
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    baseline = peak_mb(args.device)
+    baseline = peak_memory_mb(args.device)
     loss, seconds = run(inputs)
-    extra = peak_mb(args.device) - baseline
+    extra = peak_memory_mb(args.device) - baseline
     gradient_norm = inputs[1].grad.float().norm().item()
     for _ in range(args.repeats - 1):
         seconds = min(seconds, run(inputs)[1])

@@ -39,6 +39,7 @@ CASES = {
 
 
 def peak_mb(device: str) -> float:
+    """Kept here, not imported: this script must also run against older checkouts (see the module docstring)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

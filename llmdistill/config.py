@@ -149,6 +149,11 @@ class DistillConfig(TrainingArguments):
     def uses_teacher(self) -> bool:
         return self.objective != "sft" and self.alpha_kd > 0
 
+    @property
+    def kd_scale(self) -> float:
+        """Factor on the KD term: temperature² when scale_kd_by_temperature_squared, else 1."""
+        return self.temperature**2 if self.scale_kd_by_temperature_squared else 1.0
+
     def divergence_params(self) -> dict:
         return {
             "divergence": self.divergence,

@@ -187,7 +187,7 @@ class DistillTrainer(Trainer):
         if mode == "train" and "loss" in logs:
             now = time.perf_counter()
             logs["supervised_tokens_per_second"] = self._tokens_since_log / max(now - self._last_log_time, 1e-9)
-            logs["peak_memory_mb"] = _peak_memory_mb(self.args.device)
+            logs["peak_memory_mb"] = peak_memory_mb(self.args.device)
             self._tokens_since_log, self._last_log_time = 0, now
         super().log(logs, start_time)
 
@@ -268,8 +268,9 @@ def _head_rows(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident memory on CPU."""
+    if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 

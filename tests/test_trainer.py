@@ -210,3 +210,14 @@ def test_bf16_mixed_precision_training_with_bf16_models(tmp_path, tokenizer, exa
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all(math.isfinite(entry["loss"]) and entry["loss"] > 0 for entry in logged)
     assert all(math.isfinite(entry["kd"]) and 0 <= entry["top1_agreement"] <= 100 for entry in logged)
+
+
+@pytest.mark.parametrize("objective", ["vanilla", "dskd"])
+def test_temperature_squared_scaling_multiplies_the_kd_term(tmp_path, tokenizer, examples, objective):
+    options = dict(objective=objective, alpha_kd=1.0, temperature=2.0)
+    plain = make_trainer(tmp_path / "a", tokenizer, examples, **options)
+    scaled = make_trainer(tmp_path / "b", tokenizer, examples, scale_kd_by_temperature_squared=True, **options)
+    batch = first_batch(plain, 6)
+    torch.testing.assert_close(
+        scaled.compute_loss(scaled.model, batch), 4.0 * plain.compute_loss(plain.model, batch), rtol=1e-5, atol=1e-7
+    )

@@ -83,7 +83,7 @@ class DualSpaceKD:
     def __init__(self, config, student, teacher, version: str = "v2"):
         self.version = version
         self.divergence_params = config.divergence_params()
-        self.kd_scale = config.temperature**2 if config.scale_kd_by_temperature_squared else 1.0
+        self.kd_scale = config.kd_scale
         self.chunk_size = config.loss_chunk_size
         self.spaces = config.dskd_spaces
         student_head, teacher_head = LMHead.of(student), LMHead.of(teacher)

@@ -20,7 +20,7 @@ class VanillaKD:
 
     def __init__(self, config, student=None, teacher=None):
         self.divergence_params = config.divergence_params()
-        self.kd_scale = config.temperature**2 if config.scale_kd_by_temperature_squared else 1.0
+        self.kd_scale = config.kd_scale
         self.chunk_size = config.loss_chunk_size
 
     def __call__(
