@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .objectives import CROSS_TOKENIZER, OBJECTIVES
+
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
@@ -19,14 +21,26 @@ def main(argv: list[str] | None = None) -> None:
     quickstart.add_argument("--seed", type=int, default=0, help="data, initialisation and training seed")
     quickstart.add_argument("--smoke", action="store_true", help="a seconds-long run of the same code path")
     quickstart.add_argument(
-        "--objective", default="vanilla", choices=["vanilla", "dskd", "dskd_v1"],
-        help="how the distilled student is trained (the other student is always SFT)",
+        "--objective", choices=sorted(OBJECTIVES),
+        help="how the distilled student is trained (the other student is always SFT); default vanilla, or dskd_eta "
+        "with --cross-tokenizer",
+    )
+    quickstart.add_argument(
+        "--cross-tokenizer", action="store_true",
+        help="students read a SentencePiece-style tokenizer of their own while the teacher keeps its byte-level BPE",
     )
     args = parser.parse_args(argv)
+    objective = args.objective or ("dskd_eta" if args.cross_tokenizer else "vanilla")
+    if args.cross_tokenizer and objective not in CROSS_TOKENIZER:
+        parser.error(f"--objective {objective} needs one vocabulary; with --cross-tokenizer choose one of "
+                     f"{', '.join(sorted(CROSS_TOKENIZER))}.")
 
     from .quickstart.run import run_quickstart
 
-    run_quickstart(args.output_dir, seed=args.seed, smoke=args.smoke, objectives=("sft", args.objective))
+    run_quickstart(
+        args.output_dir, seed=args.seed, smoke=args.smoke, objectives=("sft", objective),
+        cross_tokenizer=args.cross_tokenizer,
+    )
 
 
 def _train(arguments: list[str]) -> None:

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from .align import align_spans, edit_distance_pairs, token_byte_spans
+from .vocab import token_bytes
 
 IGNORE_INDEX = -100
 RESPONSE_COLUMNS = ("output", "completion", "response")
 PLAIN_CHAT_SUFFIX = "assistant: "
 MAX_LISTED_PROBLEMS = 5
+PAIR_COLUMNS = ("aligned_pairs", "mined_pairs")
 
 logger = logging.getLogger(__name__)
 
@@ -81,25 +88,30 @@ def render_example(row: dict, fmt: ExampleFormat, tokenizer: PreTrainedTokenizer
     return prompt, full[len(prompt) :]
 
 
+class TokenizedExample(NamedTuple):
+    ids: list[int]  # prompt + response + EOS, cut to max_length
+    response_start: int  # index of the first token covering a response character, -1 if none
+    offsets: list[tuple[int, int]]  # character offsets of the tokenizer's own tokens (before EOS is appended)
+    complete: bool  # nothing was cut: the sequence ends with EOS right after the full text
+
+
 def tokenize_example(
     prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, add_special_tokens: bool, max_length: int
-) -> tuple[list[int], int]:
+) -> TokenizedExample:
     """Token ids of prompt + response + EOS (cut to max_length) and the index of the first response token.
 
     The whole text is tokenised at once; the first response token is the first one that covers any response
     character, so a token merging the prompt's trailing space with the response's first word (" b") is learned,
-    not lost. Returns a response start of -1 when no token covers the response.
+    not lost.
     """
     encoding = tokenizer(
         prompt + response, add_special_tokens=add_special_tokens, return_offsets_mapping=True, verbose=False
     )
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    response_start = next(
-        (i for i, (_, end) in enumerate(offsets) if end > len(prompt)), -1
-    )
+    response_start = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), -1)
     if response_start >= 0 and ids[-1] != tokenizer.eos_token_id:
         ids = ids + [tokenizer.eos_token_id]
-    return ids[:max_length], response_start
+    return TokenizedExample(ids[:max_length], response_start, offsets, len(ids) <= max_length)
 
 
 def prepare_dataset(
@@ -110,38 +122,127 @@ def prepare_dataset(
     max_length: int,
     drop_overlong_prompts: bool = False,
     name: str = "train",
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+    pairings: tuple[str, ...] = (),
 ) -> datasets.Dataset:
-    """Tokenise every row to `input_ids` and `labels` (IGNORE_INDEX on the prompt); stop on any unusable row."""
-    add_special_tokens = fmt.messages_column is None or not tokenizer.chat_template
-    rows, problems, dropped = {"input_ids": [], "labels": []}, [], 0
+    """Tokenise every row to `input_ids` and `labels` (IGNORE_INDEX on the prompt); stop on any unusable row.
+
+    With a `teacher_tokenizer` (cross-tokenizer objectives) each row is tokenised for the teacher as well
+    (`teacher_input_ids`, `teacher_labels`) and carries the token pairs its objective compares: `aligned_pairs`
+    (ETA, always) and `mined_pairs` (MinED, when `pairings` asks for "mined"), as (teacher index, student index).
+    """
+    sides = [("", tokenizer)] + ([("teacher ", teacher_tokenizer)] if teacher_tokenizer is not None else [])
+    rows, problems, dropped = defaultdict(list), [], 0
     for index, row in enumerate(dataset):
-        try:
-            prompt, response = render_example(row, fmt, tokenizer)
-        except DataError as error:
-            problems.append(f"row {index}: {error}")
-            continue
-        problem = _text_problem(prompt, response)
-        if problem is None:
-            ids, response_start = tokenize_example(prompt, response, tokenizer, add_special_tokens, max_length)
-            problem = _token_problem(response_start, max_prompt_length)
+        encoded, problem = [], None
+        for role, side_tokenizer in sides:
+            side, problem = _tokenize_side(row, fmt, side_tokenizer, max_prompt_length, max_length)
+            if problem is not None:
+                break
+            encoded.append(side)
         if problem == "overlong" and drop_overlong_prompts:
             dropped += 1
         elif problem == "overlong":
             problems.append(
-                f"row {index}: the prompt has {response_start} tokens, more than max_prompt_length="
+                f"row {index}: the prompt has {side.example.response_start} {role}tokens, more than max_prompt_length="
                 f"{max_prompt_length} (raise max_prompt_length, or set drop_overlong_prompts=True to skip such rows)"
             )
         elif problem:
-            problems.append(f"row {index}: {problem}")
+            problems.append(f"row {index}: {role + 'tokenizer: ' if role else ''}{problem}")
         else:
-            rows["input_ids"].append(ids)
-            rows["labels"].append([IGNORE_INDEX] * response_start + ids[response_start:])
+            _add_features(rows, encoded, tokenizer, teacher_tokenizer, pairings)
     _raise_if_problems(problems, len(dataset), name)
     if not rows["input_ids"]:
         raise DataError(f"{name} data: no usable example is left ({dropped} dropped for overlong prompts).")
     if dropped:
         logger.warning("%s data: skipped %d examples with prompts over %d tokens", name, dropped, max_prompt_length)
-    return datasets.Dataset.from_dict(rows)
+    return datasets.Dataset.from_dict(dict(rows))
+
+
+class _Side(NamedTuple):
+    prompt: str
+    response: str
+    example: TokenizedExample
+
+
+def _tokenize_side(row, fmt, tokenizer, max_prompt_length, max_length) -> tuple[_Side | None, str | None]:
+    """One tokenizer's view of a row, or the problem that makes the row unusable ("overlong" for long prompts)."""
+    try:
+        prompt, response = render_example(row, fmt, tokenizer)
+    except DataError as error:
+        return None, str(error)
+    problem = _text_problem(prompt, response)
+    if problem is not None:
+        return None, problem
+    add_special_tokens = fmt.messages_column is None or not tokenizer.chat_template
+    example = tokenize_example(prompt, response, tokenizer, add_special_tokens, max_length)
+    return _Side(prompt, response, example), _token_problem(example.response_start, max_prompt_length)
+
+
+def _add_features(rows, encoded: list[_Side], tokenizer, teacher_tokenizer, pairings) -> None:
+    student = encoded[0].example
+    rows["input_ids"].append(student.ids)
+    rows["labels"].append(_labels(student))
+    if teacher_tokenizer is None:
+        return
+    teacher_side, student_side = encoded[1], encoded[0]
+    rows["teacher_input_ids"].append(teacher_side.example.ids)
+    rows["teacher_labels"].append(_labels(teacher_side.example))
+    rows["aligned_pairs"].append(eta_pairs(teacher_side, student_side, teacher_tokenizer, tokenizer))
+    if "mined" in pairings:
+        rows["mined_pairs"].append(mined_pairs(teacher_side.example, student, teacher_tokenizer, tokenizer))
+
+
+def _labels(example: TokenizedExample) -> list[int]:
+    return [IGNORE_INDEX] * example.response_start + example.ids[example.response_start :]
+
+
+def eta_pairs(teacher: _Side, student: _Side, teacher_tokenizer, student_tokenizer) -> list[list[int]]:
+    """(teacher index, student index) of the response tokens covering the same bytes of the response (ETA)."""
+    same_prompt = teacher.prompt == student.prompt
+    teacher_spans = _response_spans(teacher, teacher_tokenizer, same_prompt)
+    student_spans = _response_spans(student, student_tokenizer, same_prompt)
+    teacher_index, student_index = align_spans(teacher_spans, student_spans)
+    keep = (teacher_index >= teacher.example.response_start) & (student_index >= student.example.response_start)
+    return np.stack([teacher_index[keep], student_index[keep]], axis=1).tolist()
+
+
+def _response_spans(side: _Side, tokenizer, same_prompt: bool) -> np.ndarray:
+    """Byte spans of the kept tokens, counted from the response's first byte; -1 where a token cannot be aligned.
+
+    When the two tokenizers render different prompts (chat templates), a token reaching into the prompt covers
+    different text on each side and is not aligned. EOS after the full text gets the span just past its end.
+    """
+    example = side.example
+    text = side.prompt + side.response
+    text_tokens = len(example.offsets)
+    ids = example.ids[: min(text_tokens, len(example.ids))]
+    spans = token_byte_spans(text, example.offsets[: len(ids)], ids, tokenizer)
+    shift = len(side.prompt.encode())
+    valid = spans[:, 0] >= 0
+    spans = np.where(valid[:, None], spans - shift, -1)
+    if not same_prompt:
+        spans[spans[:, 0] < 0] = -1
+    if example.complete and example.ids[-1] == tokenizer.eos_token_id:
+        end = len(text.encode()) - shift
+        eos_span = np.array([[end, end + 1]], dtype=spans.dtype)
+        spans = np.concatenate([spans[: len(example.ids) - 1], eos_span])
+    return spans
+
+
+def mined_pairs(teacher: TokenizedExample, student: TokenizedExample, teacher_tokenizer, student_tokenizer):
+    """MinED: the 1-to-1 steps of the edit-distance warping between the two responses' tokens."""
+    teacher_pieces = _pieces(teacher, teacher_tokenizer)
+    student_pieces = _pieces(student, student_tokenizer)
+    teacher_index, student_index = edit_distance_pairs(teacher_pieces, student_pieces)
+    return np.stack(
+        [teacher_index + teacher.response_start, student_index + student.response_start], axis=1
+    ).tolist()
+
+
+def _pieces(example: TokenizedExample, tokenizer) -> list[bytes]:
+    texts = token_bytes(tokenizer)
+    return [texts[i] if i < len(texts) and texts[i] is not None else b"" for i in example.ids[example.response_start :]]
 
 
 def _text_problem(prompt, response) -> str | None:
@@ -172,22 +273,47 @@ def _raise_if_problems(problems: list[str], total: int, name: str) -> None:
 
 @dataclass
 class DistillCollator:
-    """Right-pads `input_ids` (pad id) and `labels` (IGNORE_INDEX) to the longest row of the batch."""
+    """Right-pads `input_ids` (pad id) and `labels` (IGNORE_INDEX) to the longest row of the batch.
+
+    Cross-tokenizer rows also carry `teacher_input_ids`/`teacher_labels` (padded with `teacher_pad_token_id`) and
+    token pairs (`aligned_pairs`, `mined_pairs`), padded with -1 to [B, K, 2].
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    teacher_pad_token_id: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
+        batch = self._pad_tokens(features, "input_ids", "labels", self.pad_token_id)
+        if "teacher_input_ids" in features[0]:
+            pad = self.pad_token_id if self.teacher_pad_token_id is None else self.teacher_pad_token_id
+            teacher = self._pad_tokens(features, "teacher_input_ids", "teacher_labels", pad)
+            batch |= {f"teacher_{key}": value for key, value in teacher.items()}
+        for key in PAIR_COLUMNS:
+            if key in features[0]:
+                batch[key] = _pad_pairs([feature[key] for feature in features])
+        return batch
+
+    def _pad_tokens(self, features, ids_key: str, labels_key: str, pad_token_id: int) -> dict[str, torch.Tensor]:
+        longest = max(len(f[ids_key]) for f in features)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
         for row, feature in enumerate(features):
-            length = len(feature["input_ids"])
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
-            labels[row, :length] = torch.as_tensor(feature["labels"])
+            length = len(feature[ids_key])
+            input_ids[row, :length] = torch.as_tensor(feature[ids_key])
+            labels[row, :length] = torch.as_tensor(feature[labels_key])
             attention_mask[row, :length] = 1
         labels[:, 0] = IGNORE_INDEX  # nothing predicts the first token; the Trainer's token count must agree
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _pad_pairs(rows: list[list[list[int]]]) -> torch.Tensor:
+    longest = max(1, max(len(pairs) for pairs in rows))
+    padded = torch.full((len(rows), longest, 2), -1, dtype=torch.long)
+    for row, pairs in enumerate(rows):
+        if pairs:
+            padded[row, : len(pairs)] = torch.as_tensor(pairs, dtype=torch.long).view(-1, 2)
+    return padded

@@ -9,8 +9,11 @@ from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import IGNORE_INDEX, DistillCollator
-from .losses import distill_loss_from_hidden
+from .losses import distill_loss_from_hidden, top1_from_hidden
 from .models import LMHead, supervised_hidden_states
+from .objectives.cross_batch import Positions, token_pairs_to_positions
+from .objectives.cross_common import head_rows, teacher_to_student_ids
+from .objectives.dskd import shared_vocabulary
 
 
 @torch.no_grad()
@@ -82,3 +85,52 @@ def teacher_student_fidelity(
         agreements += sums.top1_agreements.item()
         tokens += sums.count
     return {"teacher_student_kl": kl_sum / tokens, "top1_agreement": 100.0 * agreements / tokens}
+
+
+@torch.no_grad()
+def cross_tokenizer_fidelity(
+    teacher: PreTrainedModel,
+    student: PreTrainedModel,
+    cross_tokenised_dataset,
+    bridge,
+    pad_token_id: int,
+    teacher_pad_token_id: int,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Fidelity between models with different vocabularies, at the ETA-aligned response positions: KL(teacher ‖
+    student) over the shared vocabulary C (both renormalised over C), top-1 agreement (the teacher's top-1 mapped to
+    the student token with the same text), and the share of the student's response tokens that are aligned."""
+    collate = DistillCollator(pad_token_id, teacher_pad_token_id=teacher_pad_token_id)
+    device = next(student.parameters()).device
+    student_head, teacher_head = LMHead.of(student), LMHead.of(teacher)
+    teacher_ids, student_ids = shared_vocabulary(bridge, student_head, teacher_head)
+    to_student = teacher_to_student_ids(bridge, len(teacher_head.weight), len(student_head.weight), device)
+    kl_sum, agreements, aligned, tokens = 0.0, 0.0, 0, 0
+    for start in range(0, len(cross_tokenised_dataset), batch_size):
+        rows = range(start, min(start + batch_size, len(cross_tokenised_dataset)))
+        batch = {key: value.to(device) for key, value in collate([cross_tokenised_dataset[i] for i in rows]).items()}
+        student_side, teacher_side = (
+            Positions.gather(
+                supervised_hidden_states(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                                         batch[prefix + "labels"][:, 1:] != IGNORE_INDEX),
+                LMHead.of(model), batch[prefix + "input_ids"], batch[prefix + "labels"],
+            )
+            for model, prefix in ((student, ""), (teacher, "teacher_"))
+        )
+        teacher_index, student_index = token_pairs_to_positions(
+            batch["aligned_pairs"], batch["teacher_labels"], batch["labels"]
+        ).unbind(1)
+        student_hidden, teacher_hidden = student_side.hidden[student_index], teacher_side.hidden[teacher_index]
+        sums = distill_loss_from_hidden(
+            student_hidden, head_rows(student_head, student_ids), teacher_hidden, head_rows(teacher_head, teacher_ids)
+        )
+        teacher_top1 = to_student[top1_from_hidden(teacher_hidden, teacher_head)]
+        agreements += (teacher_top1 == top1_from_hidden(student_hidden, student_head)).sum().item()
+        kl_sum += sums.kd.item()
+        aligned += len(student_index)
+        tokens += len(student_side.rows)
+    return {
+        "teacher_student_kl": kl_sum / max(aligned, 1),
+        "top1_agreement": 100.0 * agreements / max(aligned, 1),
+        "aligned_fraction": aligned / tokens,
+    }

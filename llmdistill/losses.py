@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .data import IGNORE_INDEX
 from .divergences import divergence_from_logprobs, validate_divergence
@@ -146,6 +147,20 @@ def top1_from_hidden(hidden: torch.Tensor, head: torch.Tensor | LMHead, rows: in
         [head.logits(hidden[start : start + chunk_size], rows).argmax(-1) for start in range(0, len(hidden), chunk_size)]
         or [torch.empty(0, dtype=torch.long, device=hidden.device)]
     )
+
+
+def checkpointed_chunk_sum(terms, *rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Σ over chunks of positions of `terms(*chunk_rows)` (a scalar per chunk), for losses without a closed-form
+    gradient here (ULD, MinED). Each chunk's [chunk, V] activations are recomputed in backward instead of kept, so
+    memory holds one chunk's logits at a time whatever the number of positions."""
+    total = rows[0].new_zeros((), dtype=torch.float32)
+    for start in range(0, len(rows[0]), chunk_size):
+        chunk = [tensor[start : start + chunk_size] for tensor in rows]
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(terms, *chunk, use_reentrant=False)
+        else:
+            total = total + terms(*chunk)
+    return total
 
 
 def _as_head(head: torch.Tensor | LMHead | None) -> LMHead | None:

@@ -75,6 +75,10 @@ class LMHead(NamedTuple):
         layer = model.get_output_embeddings()
         return cls(layer.weight, layer.bias, getattr(model.config, "final_logit_softcapping", None) or None)
 
+    def detached(self) -> LMHead:
+        """The same head with no gradient into its weight and bias."""
+        return LMHead(self.weight.detach(), None if self.bias is None else self.bias.detach(), self.softcap)
+
     def logits(self, hidden: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """Logits over the first `rows` vocabulary ids (all by default), in the head's dtype."""
         return self.cap(self.linear(hidden, rows))

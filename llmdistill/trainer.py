@@ -12,11 +12,12 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from .config import DistillConfig
-from .data import IGNORE_INDEX, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
+from .data import IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
 from .losses import distill_loss_from_hidden
 from .models import LMHead, freeze, load_model, load_tokenizer, supervised_hidden_states
-from .objectives import OBJECTIVES, ObjectiveOutput
-from .vocab import same_tokens, shared_vocab_size
+from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
+from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
+from .vocab import VocabBridge, shared_vocab_size
 
 PROJECTORS_FILENAME = "projectors.safetensors"
 
@@ -47,14 +48,18 @@ class DistillTrainer(Trainer):
         tokenizer = processing_class or load_tokenizer(
             _tokenizer_source(args.student_tokenizer_name_or_path, student, "student"), args.trust_remote_code
         )
+        teacher_tokenizer, self.vocab_bridge = None, None
         if args.uses_teacher:
             teacher = _first_given(teacher, args.teacher_model_name_or_path, name="teacher")
             teacher_tokenizer = teacher_processing_class or load_tokenizer(
                 _tokenizer_source(args.teacher_tokenizer_name_or_path, teacher, "teacher"), args.trust_remote_code
             )
-            _check_same_tokens(args.objective, teacher_tokenizer, tokenizer)
+            self.vocab_bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
+            if args.objective not in CROSS_TOKENIZER:
+                _check_same_tokens(args.objective, self.vocab_bridge, teacher_tokenizer, tokenizer)
+        teacher_view = teacher_tokenizer if args.objective in CROSS_TOKENIZER and args.uses_teacher else None
         train_dataset = self._tokenised(
-            train_dataset, args.dataset_name_or_path, args.dataset_train_split, args, tokenizer, "train"
+            train_dataset, args.dataset_name_or_path, args.dataset_train_split, args, tokenizer, "train", teacher_view
         )
         if eval_dataset is not None or args.eval_dataset_name_or_path or args.dataset_eval_split:
             eval_dataset = self._tokenised(
@@ -64,6 +69,7 @@ class DistillTrainer(Trainer):
                 args,
                 tokenizer,
                 "eval",
+                teacher_view,
             )
 
         if isinstance(student, str):
@@ -71,7 +77,8 @@ class DistillTrainer(Trainer):
         super().__init__(
             model=student,
             args=args,
-            data_collator=data_collator or DistillCollator(tokenizer.pad_token_id),
+            data_collator=data_collator
+            or DistillCollator(tokenizer.pad_token_id, teacher_pad_token_id=_pad_id(teacher_tokenizer)),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
@@ -86,24 +93,36 @@ class DistillTrainer(Trainer):
             if isinstance(teacher, str):
                 teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
             self.teacher = freeze(teacher).to(self.args.device)
-            shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))  # raises if unsafe
-            self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher)
+            if args.objective not in CROSS_TOKENIZER:
+                shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))  # raises if unsafe
+            self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
             if self.projectors is not None:
                 self.add_callback(_ZeroProjectorGradients(self.projectors))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
     @staticmethod
-    def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str):
+    def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str,
+                   teacher_tokenizer=None):
+        """Raw rows tokenised for the student (and, for cross-tokenizer objectives, for the teacher, with the token
+        pairs the objective compares); already tokenised rows are checked for the columns the objective needs."""
         if dataset is None:
             if not source:
                 raise ValueError(f"no {name} data: pass {name}_dataset= or set dataset_name_or_path.")
             dataset = load_raw_dataset(source, split, args.dataset_config_name)
+        needed = {"input_ids", "labels"} | (set(_cross_columns(args.objective)) if teacher_tokenizer else set())
         if {"input_ids", "labels"} <= set(dataset.column_names):
+            missing = needed - set(dataset.column_names)
+            if missing:
+                raise ValueError(
+                    f"the pre-tokenised {name} data lacks {sorted(missing)}, which objective {args.objective!r} needs: "
+                    "pass the raw rows (prompt/response or messages) and let the trainer tokenise them for both models."
+                )
             return dataset
         fmt = resolve_format(dataset.column_names, args.prompt_column, args.response_column, args.messages_column)
         return prepare_dataset(
-            dataset, tokenizer, fmt, args.max_prompt_length, args.max_length, args.drop_overlong_prompts, name
+            dataset, tokenizer, fmt, args.max_prompt_length, args.max_length, args.drop_overlong_prompts, name,
+            teacher_tokenizer, pairings=("mined",) if args.objective in NEEDS_MINED_PAIRS else (),
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -145,19 +164,34 @@ class DistillTrainer(Trainer):
                 chunk_size=self.args.loss_chunk_size,
             )
             return ObjectiveOutput(sums.loss, sums.ce, sums.kd, {})
+        alpha = self.args.alpha_kd
+        weights = {"ce_weight": (1 - alpha) / denominator, "kd_weight": alpha / denominator}
+        if self.objective.cross_tokenizer:
+            return self.objective(self._cross_tokenizer_batch(student_hidden, student_head, inputs), **weights)
         with torch.no_grad():
             teacher_hidden = supervised_hidden_states(
                 self.teacher, inputs["input_ids"], inputs["attention_mask"], supervised
             )
-        alpha = self.args.alpha_kd
-        return self.objective(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            LMHead.of(self.teacher),
-            labels,
-            ce_weight=(1 - alpha) / denominator,
-            kd_weight=alpha / denominator,
+        return self.objective(student_hidden, student_head, teacher_hidden, LMHead.of(self.teacher), labels, **weights)
+
+    def _cross_tokenizer_batch(self, student_hidden, student_head, inputs) -> CrossTokenizerBatch:
+        """Both models' supervised positions (the teacher reads its own tokenisation) and the pairs between them."""
+        teacher_labels = inputs["teacher_labels"]
+        with torch.no_grad():
+            teacher_hidden = supervised_hidden_states(
+                self.teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"],
+                teacher_labels[:, 1:] != IGNORE_INDEX,
+            )
+        pairs = {
+            key: token_pairs_to_positions(inputs[key], teacher_labels, inputs["labels"])
+            for key in PAIR_COLUMNS
+            if key in inputs
+        }
+        return CrossTokenizerBatch(
+            Positions.gather(student_hidden, student_head, inputs["input_ids"], inputs["labels"]),
+            Positions.gather(teacher_hidden, LMHead.of(self.teacher), inputs["teacher_input_ids"], teacher_labels),
+            pairs["aligned_pairs"],
+            pairs.get("mined_pairs"),
         )
 
     def _record(self, output: ObjectiveOutput, tokens: int) -> None:
@@ -254,8 +288,17 @@ def _tokenizer_source(explicit: str | None, model, role: str) -> str:
     return source
 
 
-def _check_same_tokens(objective: str, teacher_tokenizer, student_tokenizer) -> None:
-    if not same_tokens(teacher_tokenizer, student_tokenizer):
+def _cross_columns(objective: str) -> tuple[str, ...]:
+    pairs = ("aligned_pairs", "mined_pairs") if objective in NEEDS_MINED_PAIRS else ("aligned_pairs",)
+    return ("teacher_input_ids", "teacher_labels", *pairs)
+
+
+def _pad_id(tokenizer) -> int | None:
+    return None if tokenizer is None else tokenizer.pad_token_id
+
+
+def _check_same_tokens(objective: str, bridge: VocabBridge, teacher_tokenizer, student_tokenizer) -> None:
+    if not bridge.same_vocabulary:
         raise ValueError(
             f"objective {objective!r} needs teacher and student to share one vocabulary, but their tokenizers "
             f"differ ({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens, or the same tokens with "

@@ -27,24 +27,26 @@ def least_squares_map(source_rows: torch.Tensor, target_rows: torch.Tensor) -> t
 class DualSpaceProjectors(nn.Module):
     """t2s maps teacher states [.., D] into the student space [.., d]; s2t maps student states into the teacher's.
 
-    v2: both ideal-initialised on the shared ids C, no bias. t2s = P_tsᵀ = pinv(W_S[C]) · W_T[C] (head rows as
+    v2: both ideal-initialised on the shared vocabulary C, no bias. t2s = P_tsᵀ = pinv(W_S[C]) · W_T[C] (head rows as
     stored: [V, width]); s2t either closed form (P_stᵀ = pinv(W_T[C]) · W_S[C], recomputed whenever the student
     head changes, no gradient) or learned (initialised to that value). v1: random-init Linear layers with bias.
+    `shared` is C: a row count (the leading ids of one vocabulary) or matched (teacher ids, student ids).
     """
 
-    def __init__(self, student_head: LMHead, teacher_head: LMHead, shared_rows: int, version: str, s2t: str):
+    def __init__(self, student_head: LMHead, teacher_head: LMHead, shared, version: str, s2t: str):
         super().__init__()
         student_width, teacher_width = student_head.weight.shape[1], teacher_head.weight.shape[1]
-        self.version, self.s2t_mode, self.shared_rows = version, s2t, shared_rows
+        self.version, self.s2t_mode = version, s2t
+        self.teacher_ids, self.student_ids = (slice(shared), slice(shared)) if isinstance(shared, int) else shared
         v1 = version == "v1"
         self.t2s = nn.Linear(teacher_width, student_width, bias=v1)
         self.s2t = nn.Linear(student_width, teacher_width, bias=v1)
         self._closed_form_key = None
         if v1:
             return
-        teacher_rows = teacher_head.weight[:shared_rows]
+        teacher_rows = teacher_head.weight[self.teacher_ids]
         with torch.no_grad():
-            self.t2s.weight.copy_(least_squares_map(student_head.weight[:shared_rows], teacher_rows))
+            self.t2s.weight.copy_(least_squares_map(student_head.weight[self.student_ids], teacher_rows))
         # pinv(W_T[C]) = pinv(W_T[C]ᵀ W_T[C]) · W_T[C]ᵀ: keep the small [D, D] factor; the teacher never changes.
         teacher = teacher_rows.detach().double()
         self.register_buffer("teacher_gram_pinv", torch.linalg.pinv(teacher.T @ teacher).float(), persistent=False)
@@ -59,8 +61,8 @@ class DualSpaceProjectors(nn.Module):
 
     @torch.no_grad()
     def _set_closed_form_s2t(self, student_weight: torch.Tensor, teacher_weight: torch.Tensor) -> None:
-        shared = self.shared_rows
-        cross = teacher_weight[:shared].float().T @ student_weight[:shared].float()  # W_T[C]ᵀ W_S[C]: [D, d]
+        teacher_rows, student_rows = teacher_weight[self.teacher_ids], student_weight[self.student_ids]
+        cross = teacher_rows.float().T @ student_rows.float()  # W_T[C]ᵀ W_S[C]: [D, d]
         self.s2t.weight.copy_(self.teacher_gram_pinv @ cross)
         self._closed_form_key = (student_weight.data_ptr(), student_weight._version)
 
@@ -80,7 +82,9 @@ class DualSpaceKD:
     * teacher space: Z_st = s2t(H_S) · W_T (teacher head frozen); L_kd_st = Σ D(z_T ‖ Z_st) / N (v1: always fkl).
     """
 
-    def __init__(self, config, student, teacher, version: str = "v2"):
+    cross_tokenizer = False
+
+    def __init__(self, config, student, teacher, version: str = "v2", bridge=None):
         self.version = version
         self.divergence_params = config.divergence_params()
         self.kd_scale = config.kd_scale
@@ -88,37 +92,50 @@ class DualSpaceKD:
         self.spaces = config.dskd_spaces
         student_head, teacher_head = LMHead.of(student), LMHead.of(teacher)
         self.shared_rows = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
+        shared = shared_vocabulary(bridge, student_head, teacher_head) if self.cross_tokenizer else self.shared_rows
         self.projectors = DualSpaceProjectors(
-            student_head, teacher_head, self.shared_rows, version, config.dskd_s2t
+            student_head, teacher_head, shared, version, config.dskd_s2t
         ).to(student_head.weight.device)
 
     def __call__(self, student_hidden, student_head, teacher_hidden, teacher_head, labels, ce_weight, kd_weight):
-        n = student_hidden.shape[0]
-        kd_weight = kd_weight * self.kd_scale
         teacher_head = _first_rows(teacher_head, self.shared_rows)
+        return self.dual_space(student_hidden, student_head, labels, teacher_hidden, teacher_head, ce_weight, kd_weight)
+
+    def dual_space(
+        self, student_hidden, student_head, labels, teacher_hidden, teacher_head, ce_weight, kd_weight,
+        student_index=None, teacher_to_student=None,
+    ) -> ObjectiveOutput:
+        """Both spaces over the teacher states `teacher_hidden` [K, D] paired with the student positions
+        `student_index` [K] (all N in order when None); `teacher_to_student` maps teacher top-1 ids to student ids
+        (-1: no student token, that pair leaves the student space). Gold CE covers all N student positions."""
+        n = student_hidden.shape[0]
+        paired_student = student_hidden if student_index is None else student_hidden[student_index]
+        kd_weight = kd_weight * self.kd_scale
         terms, metrics, loss, teacher_top1 = {}, {}, 0.0, None
         if self.spaces != "student":
-            teacher_space = self._teacher_space(student_hidden, student_head, teacher_hidden, teacher_head, kd_weight)
+            teacher_space = self._teacher_space(paired_student, student_head, teacher_hidden, teacher_head, kd_weight)
             loss = loss + teacher_space.loss
             terms["kd_st"] = teacher_space.kd
-            metrics["s2t_agreement"] = 100 * teacher_space.top1_agreements / n
+            metrics["s2t_agreement"] = 100 * teacher_space.top1_agreements / max(len(paired_student), 1)
             teacher_top1 = teacher_space.teacher_top1
         if self.spaces == "teacher":
             gold = distill_loss_from_hidden(
                 student_hidden, student_head, labels=labels, ce_weight=ce_weight, chunk_size=self.chunk_size
             )
-            return self._output(loss + gold.loss, gold.ce, terms, metrics, n)
+            return dual_space_output(loss + gold.loss, gold.ce, terms, metrics, n)
         if self.version == "v1":
-            targets = labels
-        elif teacher_top1 is None:
-            targets = top1_from_hidden(teacher_hidden, teacher_head, chunk_size=self.chunk_size)
+            targets = labels if student_index is None else labels[student_index]
         else:
-            targets = teacher_top1
-        space_loss, gold_ce, student_terms, agreeing = self._student_space(
-            student_hidden, student_head, teacher_hidden, labels, targets, ce_weight, kd_weight
+            if teacher_top1 is None:
+                teacher_top1 = top1_from_hidden(teacher_hidden, teacher_head, chunk_size=self.chunk_size)
+            targets = teacher_top1 if teacher_to_student is None else teacher_to_student[teacher_top1]
+        projected = self.projectors.to_student_space(teacher_hidden)
+        space_loss, gold_ce, student_terms, accuracy = student_space_terms(
+            student_hidden, student_head, projected, labels, targets, student_index, ce_weight, kd_weight,
+            self.divergence_params, self.chunk_size,
         )
-        metrics["t2s_accuracy"] = 100 * agreeing / n
-        return self._output(loss + space_loss, gold_ce, terms | student_terms, metrics, n)
+        metrics["t2s_accuracy"] = accuracy
+        return dual_space_output(loss + space_loss, gold_ce, terms | student_terms, metrics, n)
 
     def _teacher_space(self, student_hidden, student_head, teacher_hidden, teacher_head, kd_weight):
         """Σ D(z_T ‖ s2t(H_S) · W_T): the student states read by the frozen teacher head."""
@@ -129,37 +146,56 @@ class DualSpaceKD:
             kd_weight=kd_weight, chunk_size=self.chunk_size, **params,
         )
 
-    def _student_space(self, student_hidden, student_head, teacher_hidden, labels, targets, ce_weight, kd_weight):
-        """(loss, gold CE sum, {kd_ts, ce_ts} as sums, agreeing positions) of the student-space terms, with the gold
-        CE of the student fused into the same pass over its logits."""
-        n = student_hidden.shape[0]
-        projected = self.projectors.to_student_space(teacher_hidden)
-        fixed_head = LMHead(student_head.weight.detach(), _detached(student_head.bias), student_head.softcap)
-        projected_ce = distill_loss_from_hidden(
-            projected, fixed_head, labels=targets, ce_weight=kd_weight, chunk_size=self.chunk_size
-        )
-        agreement = (projected_ce.student_top1 == targets).float()
-        agreeing = agreement.sum()
-        per_agreeing = n / agreeing.clamp_min(1)  # L_kd_ts is a mean over the agreeing positions
-        student_space = distill_loss_from_hidden(
-            student_hidden, student_head, projected.detach(), fixed_head, labels,
-            ce_weight=ce_weight, kd_weight=kd_weight * per_agreeing, kd_position_weights=agreement,
-            chunk_size=self.chunk_size, **self.divergence_params,
-        )
-        terms = {"kd_ts": student_space.kd * per_agreeing, "ce_ts": projected_ce.ce}
-        return projected_ce.loss + student_space.loss, student_space.ce, terms, agreeing
 
-    @staticmethod
-    def _output(loss, ce_sum, terms: dict, metrics: dict, n: int) -> ObjectiveOutput:
-        kd_sum = sum(terms.values())
-        per_token = {name: value / n for name, value in terms.items()}
-        return ObjectiveOutput(loss, ce_sum, kd_sum, per_token | metrics)
+def student_space_terms(
+    student_hidden, student_head, projected, labels, targets, student_index, ce_weight, kd_weight, divergence_params,
+    chunk_size,
+):
+    """(loss, gold CE sum, {kd_ts, ce_ts} as sums, t2s accuracy in %) of the student-space terms, with the gold CE of
+    the student fused into the same pass over its logits.
+
+    `projected` [K, d]: teacher-derived rows for the student positions `student_index` [K] (all N in order when
+    None), read by the student head without gradient into it; `targets` [K]: their labels, -1 = leave out.
+    """
+    n = student_hidden.shape[0]
+    has_target = targets >= 0
+    projected, targets = projected[has_target], targets[has_target]
+    fixed_head = student_head.detached()
+    projected_ce = distill_loss_from_hidden(
+        projected, fixed_head, labels=targets, ce_weight=kd_weight, chunk_size=chunk_size
+    )
+    agreement = (projected_ce.student_top1 == targets).float()
+    agreeing = agreement.sum()
+    per_agreeing = n / agreeing.clamp_min(1)  # L_kd_ts is a mean over the agreeing positions
+    rows, weights = projected.detach(), agreement
+    if student_index is not None or not bool(has_target.all()):
+        index = torch.arange(n, device=student_hidden.device) if student_index is None else student_index
+        rows = projected.new_zeros(n, projected.shape[1]).index_copy_(0, index[has_target], rows)
+        weights = agreement.new_zeros(n).index_copy_(0, index[has_target], agreement)
+    student_space = distill_loss_from_hidden(
+        student_hidden, student_head, rows, fixed_head, labels,
+        ce_weight=ce_weight, kd_weight=kd_weight * per_agreeing, kd_position_weights=weights,
+        chunk_size=chunk_size, **divergence_params,
+    )
+    terms = {"kd_ts": student_space.kd * per_agreeing, "ce_ts": projected_ce.ce}
+    accuracy = 100 * agreeing / max(len(targets), 1)
+    return projected_ce.loss + student_space.loss, student_space.ce, terms, accuracy
+
+
+def dual_space_output(loss, ce_sum, terms: dict, metrics: dict, n: int) -> ObjectiveOutput:
+    kd_sum = sum(terms.values())
+    per_token = {name: value / n for name, value in terms.items()}
+    return ObjectiveOutput(loss, ce_sum, kd_sum, per_token | metrics)
+
+
+def shared_vocabulary(bridge, student_head: LMHead, teacher_head: LMHead) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bridge's shared vocabulary C, restricted to ids both heads have rows for, on the heads' device."""
+    teacher_ids, student_ids = bridge.shared_teacher_ids, bridge.shared_student_ids
+    has_rows = (teacher_ids < teacher_head.weight.shape[0]) & (student_ids < student_head.weight.shape[0])
+    device = student_head.weight.device
+    return teacher_ids[has_rows].to(device), student_ids[has_rows].to(device)
 
 
 def _first_rows(head: LMHead, rows: int) -> LMHead:
     bias = None if head.bias is None else head.bias[:rows]
     return LMHead(head.weight[:rows], bias, head.softcap)
-
-
-def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()

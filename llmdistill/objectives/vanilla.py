@@ -16,9 +16,10 @@ class VanillaKD:
     are compared over the ids both heads have; `vocab.shared_vocab_size` checks that this is safe.
     """
 
+    cross_tokenizer = False
     projectors = None
 
-    def __init__(self, config, student=None, teacher=None):
+    def __init__(self, config, student=None, teacher=None, bridge=None):
         self.divergence_params = config.divergence_params()
         self.kd_scale = config.kd_scale
         self.chunk_size = config.loss_chunk_size

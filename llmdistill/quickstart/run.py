@@ -14,8 +14,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from ..config import DistillConfig
 from ..data import ExampleFormat, prepare_dataset
-from ..evaluation import exact_match, generate_responses, rouge_l, teacher_student_fidelity
+from ..evaluation import (
+    cross_tokenizer_fidelity,
+    exact_match,
+    generate_responses,
+    rouge_l,
+    teacher_student_fidelity,
+)
 from ..trainer import DistillTrainer
+from ..vocab import VocabBridge
 from .report import plot_training_curves, results_table
 from .task import make_splits
 from .tokenizer import train_tokenizer
@@ -64,11 +71,14 @@ def run_quickstart(
     smoke: bool = False,
     objectives: tuple[str, ...] = ("sft", "vanilla"),
     student_seed: int | None = None,
+    cross_tokenizer: bool = False,
 ) -> dict:
     """Writes the task (data/*.jsonl), the models, results.json, results.md and training_curves.png.
 
     `seed` fixes the task and the teacher (cached across runs); each objective in `objectives` trains one student
-    from the same initialisation, drawn (with its data order) from `student_seed` (default: `seed`).
+    from the same initialisation, drawn (with its data order) from `student_seed` (default: `seed`). With
+    `cross_tokenizer` the students read a SentencePiece-style tokenizer of their own while the teacher keeps its
+    byte-level BPE, and everything they write goes under `cross_tokenizer/`.
     """
     settings, out = (SMOKE if smoke else DEFAULT), Path(output_dir)
     student_seed = seed if student_seed is None else student_seed
@@ -76,27 +86,50 @@ def run_quickstart(
     train_rows, eval_rows = make_splits(seed, settings.n_train, settings.n_eval)
     for name, rows in (("train", train_rows), ("held_out", eval_rows)):
         _write_jsonl(out / "data" / f"{name}.jsonl", rows)
-    tokenizer = _tokenizer(out / "tokenizer", train_rows, settings.vocab_size)
-    train_set = _tokenised(train_rows, tokenizer, "train")
-    teacher_dir = _teacher(out, tokenizer, train_set, settings, seed)
-    student_init = _save_init(out / "student-init", tokenizer, settings.student_shape, student_seed + 1)
+    teacher_tokenizer = _tokenizer(out / "tokenizer", train_rows, settings.vocab_size)
+    teacher_dir = _teacher(out, teacher_tokenizer, _tokenised(train_rows, teacher_tokenizer, "train"), settings, seed)
+    students = Students(out, teacher_tokenizer, train_rows, settings, cross_tokenizer)
+    student_init = _save_init(students.directory / "student-init", students.tokenizer, settings.student_shape,
+                              student_seed + 1)
     histories = {"teacher": json.loads((teacher_dir / "log_history.json").read_text())}
     for objective in objectives:
         run = TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size)
         name = student_name(objective)
-        histories[name] = _train(out / name, student_init, teacher_dir, run, tokenizer, train_set, student_seed)
-    results = _evaluate(out, tokenizer, eval_rows, settings.max_new_tokens, [student_name(o) for o in objectives])
+        histories[name] = _train(
+            students.directory / name, student_init, teacher_dir, run, students.tokenizer, students.train_set,
+            student_seed, teacher_tokenizer,
+        )
+    results = _evaluate(out, students, teacher_tokenizer, eval_rows, settings.max_new_tokens,
+                        [student_name(o) for o in objectives])
     for objective in objectives:
         summary = histories[student_name(objective)][-1]
         results["models"][student_name(objective)]["seconds_per_step"] = summary["train_runtime"] / summary["step"]
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     table = results_table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(table + "\n")
-    plot_training_curves(histories, out / "training_curves.png")
+    (students.directory / "results.json").write_text(json.dumps(results, indent=2))
+    (students.directory / "results.md").write_text(table + "\n")
+    plot_training_curves(histories, students.directory / "training_curves.png")
     print(table)
-    print(f"\nwritten under {out}/ in {results['wall_time_s']} s: results.json, results.md, training_curves.png")
+    print(f"\nwritten under {students.directory}/ in {results['wall_time_s']} s: results.json, results.md, "
+          "training_curves.png")
     return results
+
+
+class Students:
+    """Where the students live, the tokenizer they read, and their training rows: pre-tokenised when they share the
+    teacher's tokenizer, raw (the trainer tokenises them for both models and aligns them) when they do not."""
+
+    def __init__(self, out: Path, teacher_tokenizer, train_rows: list[dict], settings, cross_tokenizer: bool):
+        self.cross_tokenizer = cross_tokenizer
+        if cross_tokenizer:
+            self.directory = out / "cross_tokenizer"
+            self.tokenizer = _tokenizer(
+                self.directory / "tokenizer", train_rows, settings.vocab_size, family="sentencepiece"
+            )
+            self.train_set = datasets.Dataset.from_list(train_rows)
+        else:
+            self.directory, self.tokenizer = out, teacher_tokenizer
+            self.train_set = _tokenised(train_rows, teacher_tokenizer, "train")
 
 
 def student_name(objective: str) -> str:
@@ -114,9 +147,10 @@ def _tokenised(rows: list[dict], tokenizer, name: str) -> datasets.Dataset:
     )
 
 
-def _tokenizer(directory: Path, rows: list[dict], vocab_size: int):
+def _tokenizer(directory: Path, rows: list[dict], vocab_size: int, family: str = "byte_bpe"):
     if not (directory / "tokenizer.json").is_file():
-        train_tokenizer([row["prompt"] + row["response"] for row in rows], vocab_size).save_pretrained(directory)
+        texts = [row["prompt"] + row["response"] for row in rows]
+        train_tokenizer(texts, vocab_size, family=family).save_pretrained(directory)
     return AutoTokenizer.from_pretrained(directory)
 
 
@@ -149,7 +183,10 @@ def _save_init(directory: Path, tokenizer, shape: tuple[int, int, int], seed: in
     return directory
 
 
-def _train(directory: Path, student_dir: Path, teacher_dir: Path | None, run: TrainingRun, tokenizer, train_set, seed):
+def _train(
+    directory: Path, student_dir: Path, teacher_dir: Path | None, run: TrainingRun, tokenizer, train_set, seed,
+    teacher_tokenizer=None,
+):
     """Trains one model with DistillTrainer and returns its log history (also saved beside it)."""
     print(f"training {directory.name} ({run.objective}, {run.steps} steps)")
     config = DistillConfig(
@@ -172,7 +209,8 @@ def _train(directory: Path, student_dir: Path, teacher_dir: Path | None, run: Tr
         use_cpu=True,
     )
     trainer = DistillTrainer(
-        args=config, train_dataset=train_set, processing_class=tokenizer, teacher_processing_class=tokenizer
+        args=config, train_dataset=train_set, processing_class=tokenizer,
+        teacher_processing_class=teacher_tokenizer or tokenizer,
     )
     trainer.train()
     trainer.save_model()
@@ -181,18 +219,37 @@ def _train(directory: Path, student_dir: Path, teacher_dir: Path | None, run: Tr
     return history
 
 
-def _evaluate(out: Path, tokenizer, eval_rows: list[dict], max_new_tokens: int, students: list[str]) -> dict:
+def _evaluate(
+    out: Path, students: Students, teacher_tokenizer, eval_rows: list[dict], max_new_tokens: int, names: list[str]
+) -> dict:
     prompts = [row["prompt"] for row in eval_rows]
     references = [row["response"] for row in eval_rows]
-    held_out = _tokenised(eval_rows, tokenizer, "held-out")
     teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")
+    fidelity = _fidelity(teacher, students, teacher_tokenizer, eval_rows)
     results = {"models": {}}
-    for name in ["teacher", *students]:
-        model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(out / name)
+    for name in ["teacher", *names]:
+        model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(students.directory / name)
+        tokenizer = teacher_tokenizer if name == "teacher" else students.tokenizer
         predictions = generate_responses(model, tokenizer, prompts, max_new_tokens)
         row = {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
         if name != "teacher":
-            row |= teacher_student_fidelity(teacher, model, held_out, tokenizer.pad_token_id)
+            row |= fidelity(model)
         row["parameters"] = model.num_parameters()
         results["models"][name] = row
     return results
+
+
+def _fidelity(teacher, students: Students, teacher_tokenizer, eval_rows: list[dict]):
+    """student model → its KL to the teacher and top-1 agreement on the held-out references (at aligned positions
+    over the shared vocabulary when the tokenizers differ)."""
+    if not students.cross_tokenizer:
+        held_out = _tokenised(eval_rows, teacher_tokenizer, "held-out")
+        return lambda model: teacher_student_fidelity(teacher, model, held_out, teacher_tokenizer.pad_token_id)
+    held_out = prepare_dataset(
+        datasets.Dataset.from_list(eval_rows), students.tokenizer, DATA_FORMAT, MAX_PROMPT_LENGTH, MAX_LENGTH,
+        name="held-out", teacher_tokenizer=teacher_tokenizer,
+    )
+    bridge = VocabBridge.between(teacher_tokenizer, students.tokenizer)
+    return lambda model: cross_tokenizer_fidelity(
+        teacher, model, held_out, bridge, students.tokenizer.pad_token_id, teacher_tokenizer.pad_token_id
+    )

@@ -1,12 +1,15 @@
-"""Small byte-level BPE tokenizer trained on the quickstart task texts."""
+"""Small tokenizers trained on the quickstart task texts: a byte-level BPE (GPT-2 style, the default) and a
+SentencePiece-style unigram (Llama style: `▁` marks spaces, a prefix space on the first word), so the
+cross-tokenizer mode has two real families whose tokens and offsets differ."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+FAMILIES = ("byte_bpe", "sentencepiece")
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<bos>"
 EOS_TOKEN = "<eos>"
@@ -24,21 +27,31 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 512, model_max_length: int = 512
+    texts: Iterable[str], vocab_size: int = 512, model_max_length: int = 512, family: str = "byte_bpe"
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on ``texts``; ids 0/1/2 are ``<pad>``/``<bos>``/``<eos>``.
+    """Train a tokenizer of `family` (byte_bpe or sentencepiece) on `texts`; ids 0/1/2 are `<pad>`/`<bos>`/`<eos>`.
 
     Encoding adds no special tokens; offsets are character spans in the input.
     """
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = _pre_tokenizer()
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+    if family == "byte_bpe":
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = _pre_tokenizer()
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif family == "sentencepiece":
+        backend = Tokenizer(models.Unigram())
+        backend.normalizer = normalizers.NFKC()
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        backend.decoder = decoders.Metaspace(prepend_scheme="first")
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token=PAD_TOKEN, show_progress=False
+        )
+    else:
+        raise ValueError(f"tokenizer family {family!r} is unknown: choose one of {', '.join(FAMILIES)}.")
     backend.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
