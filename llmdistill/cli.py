@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .objectives import CROSS_TOKENIZER, OBJECTIVES
 
@@ -29,7 +31,17 @@ def main(argv: list[str] | None = None) -> None:
         "--cross-tokenizer", action="store_true",
         help="students read a SentencePiece-style tokenizer of their own while the teacher keeps its byte-level BPE",
     )
+    align = commands.add_parser("align", help="show how two tokenizers split a text and which tokens ETA aligns")
+    align.add_argument("--teacher", required=True, help="teacher model or tokenizer: folder or hub name")
+    align.add_argument("--student", required=True, help="student model or tokenizer: folder or hub name")
+    source = align.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the text to tokenise")
+    source.add_argument("--file", type=Path, help="a UTF-8 text file to tokenise")
+    align.add_argument("--json", action="store_true", help="print the tokens, pairs and coverage as JSON")
     args = parser.parse_args(argv)
+    if args.command == "align":
+        _align(args)
+        return
     objective = args.objective or ("dskd_eta" if args.cross_tokenizer else "vanilla")
     if args.cross_tokenizer and objective not in CROSS_TOKENIZER:
         parser.error(f"--objective {objective} needs one vocabulary; with --cross-tokenizer choose one of "
@@ -56,3 +68,15 @@ def _train(arguments: list[str]) -> None:
     has_file = bool(arguments) and not arguments[0].startswith("-")
     config_path, overrides = (arguments[0], arguments[1:]) if has_file else (None, arguments)
     distill(DistillConfig.from_yaml(config_path, overrides))
+
+
+def _align(args: argparse.Namespace) -> None:
+    from .align import alignment_summary, render_alignment
+    from .models import load_tokenizer
+
+    text = args.text if args.text is not None else args.file.read_text(encoding="utf-8")
+    teacher, student = load_tokenizer(args.teacher), load_tokenizer(args.student)
+    if args.json:
+        print(json.dumps(alignment_summary(text, teacher, student), ensure_ascii=False, indent=1))
+    else:
+        print(render_alignment(text, teacher, student))

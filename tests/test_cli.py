@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmdistill.models import load_tokenizer
+
+from conftest import SHARED_DATA, needs_shared_data, tiny_gpt2, tiny_llama
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -63,3 +69,42 @@ def test_missing_student_is_named(tmp_path, train_file):
     result = run_cli("train", "--dataset_name_or_path", str(train_file), "--use_cpu", "true", cwd=tmp_path)
     assert result.returncode != 0
     assert "student_model_name_or_path" in result.stderr
+
+
+@needs_shared_data
+def test_dskd_eta_from_a_gpt2_tokenizer_teacher_into_a_llama_tokenizer_student(tmp_path, train_file):
+    teacher_tokenizer = load_tokenizer(str(SHARED_DATA / "tokenizers" / "gpt2"))
+    student_tokenizer = load_tokenizer(str(SHARED_DATA / "tokenizers" / "llama2"))
+    teacher_dir, student_dir = tmp_path / "gpt2-teacher", tmp_path / "llama-student"
+    for directory, model, tokenizer in (
+        (teacher_dir, tiny_gpt2(len(teacher_tokenizer)), teacher_tokenizer),
+        (student_dir, tiny_llama(len(student_tokenizer)), student_tokenizer),
+    ):
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    config = write_config(tmp_path, teacher_dir, student_dir, train_file, objective="dskd_eta", logging_steps=1)
+    result = run_cli("train", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    fractions = [float(v) for v in re.findall(r"'aligned_fraction': '([0-9.e-]+)'", result.stdout)]
+    assert len(fractions) == 3 and all(0.3 < fraction <= 1 for fraction in fractions)
+    out = tmp_path / "run"
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.config.vocab_size == len(student_tokenizer)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == student_tokenizer.get_vocab()
+    assert (out / "projectors.safetensors").is_file()
+
+
+@needs_shared_data
+def test_align_shows_both_tokenisations_and_the_coverage(tmp_path):
+    tokenizers = SHARED_DATA / "tokenizers"
+    args = ["align", "--teacher", str(tokenizers / "gpt2"), "--student", str(tokenizers / "llama2")]
+    shown = run_cli(*args, "--text", "48/2 = <<48/2=24>>24 clips.\nDone", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert re.search(r'"\\n"\s+=\s+"\\n"', shown.stdout)
+    assert re.search(r"aligned: \d+ of \d+ teacher tokens .*student tokens", shown.stdout)
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("a b", encoding="utf-8")
+    as_json = json.loads(run_cli(*args, "--file", str(text_file), "--json", cwd=tmp_path).stdout)
+    assert as_json["pairs"] == [[0, 0], [1, 1]]
+    assert as_json["student"]["aligned_fraction"] == 1.0
