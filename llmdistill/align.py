@@ -122,17 +122,21 @@ def token_byte_spans(
     ends = _char_to_byte(text)[char_ends]
     ends[text_tokens] += table.trimmed_end[ids[text_tokens]]
     covered_before = np.concatenate([[0], np.maximum.accumulate(ends)[:-1]])
-    starts, ends = _split_runs(ends[text_tokens], lengths[text_tokens], covered_before[text_tokens])
+    prefix_space = bool(table.flat[table.starts[ids[text_tokens[0]]]] == ord(" "))
+    starts, ends = _split_runs(ends[text_tokens], lengths[text_tokens], covered_before[text_tokens], prefix_space)
     text_bytes = np.frombuffer(text.encode(), dtype=np.uint8)
-    kept = _matches_text(starts, ends, ids[text_tokens], table, text_bytes)
+    kept = _matches_text(starts, ends, ids[text_tokens], table, text_bytes, prefix_space)
     spans[text_tokens[kept]] = np.stack([starts[kept], ends[kept]], axis=1)
     return spans
 
 
-def _split_runs(ends: np.ndarray, lengths: np.ndarray, covered_before: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _split_runs(
+    ends: np.ndarray, lengths: np.ndarray, covered_before: np.ndarray, prefix_space: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Starts and ends of text tokens; a run of tokens sharing one end is cut by byte length, walking back from it.
 
-    A run whose lengths do not add up to the bytes since the previous token's end gets start == end (no span).
+    A run whose lengths do not add up to the bytes since the previous token's end gets start == end (no span); the
+    first run may hold one byte more, the first token's dummy-prefix space (Llama: "3" → "▁", "3", both ending at 1).
     """
     new_run = np.concatenate([[True], ends[1:] != ends[:-1]])
     run_first = np.flatnonzero(new_run)
@@ -144,20 +148,21 @@ def _split_runs(ends: np.ndarray, lengths: np.ndarray, covered_before: np.ndarra
     single = (run_first == run_last)[run_of_token]
     token_starts[single] = covered_before[single]
     run_fits = token_starts[run_first] == covered_before[run_first]
+    run_fits[0] |= prefix_space and token_starts[0] == covered_before[0] - 1
+    token_starts[0] = max(token_starts[0], covered_before[0])
     broken = ~run_fits[run_of_token]
     token_starts[broken] = token_ends[broken]
     return token_starts, token_ends
 
 
 def _matches_text(
-    starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, table: _VocabTable, text_bytes: np.ndarray
+    starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, table: _VocabTable, text_bytes: np.ndarray,
+    prefix_space: bool,
 ) -> np.ndarray:
     """Which tokens' bytes equal the text's bytes at their span (the first may have one extra leading space)."""
     span_lengths = ends - starts
     skip = np.zeros_like(ids)
-    first_start = table.starts[ids[0]]
-    if table.lengths[ids[0]] == span_lengths[0] + 1 and table.flat[first_start] == ord(" "):
-        skip[0] = 1
+    skip[0] = prefix_space and table.lengths[ids[0]] == span_lengths[0] + 1
     candidates = np.flatnonzero((span_lengths > 0) & (span_lengths == table.lengths[ids] - skip))
     sizes = span_lengths[candidates]
     token_of_byte = np.repeat(np.arange(len(candidates)), sizes)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from llmdistill.models import load_tokenizer
 from llmdistill.quickstart.task import make_examples
 from llmdistill.quickstart.tokenizer import train_tokenizer
 
@@ -66,3 +69,32 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def train_file(tmp_path, examples) -> Path:
     rows = [{"prompt": e["prompt"], "output": e["response"]} for e in examples]
     return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+REAL_TOKENIZER_FAMILIES = ("gpt2", "gpt-neox-20b", "llama2", "mistral-7b-v0.1", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(tmp_path_factory) -> dict:
+    """The shared real tokenizers by family. qwen3's tokenizer.json is stored gzipped and is unpacked here;
+    gpt-neox-20b ships only tokenizer.json, so its EOS (<|endoftext|>) is named here as its model card does."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data (real tokenizers) is not beside the checkout")
+    loaded = {}
+    for family in REAL_TOKENIZER_FAMILIES:
+        folder = SHARED_DATA / "tokenizers" / family
+        if (folder / "tokenizer.json.gz").is_file():
+            unpacked = tmp_path_factory.mktemp(family)
+            for file in folder.iterdir():
+                if file.name.endswith(".json.gz"):
+                    with gzip.open(file) as packed, open(unpacked / file.name[: -len(".gz")], "wb") as plain:
+                        shutil.copyfileobj(packed, plain)
+                elif file.suffix == ".json":
+                    shutil.copy(file, unpacked / file.name)
+            folder = unpacked
+        if family == "gpt-neox-20b":
+            tokenizer = AutoTokenizer.from_pretrained(folder, eos_token="<|endoftext|>")
+            folder = tmp_path_factory.mktemp(family)
+            tokenizer.save_pretrained(folder)
+        loaded[family] = load_tokenizer(str(folder))
+    return loaded

@@ -15,6 +15,8 @@ from llmdistill.data import (
     resolve_format,
 )
 from llmdistill.models import load_tokenizer
+from llmdistill.quickstart.tokenizer import train_tokenizer
+from llmdistill.vocab import token_bytes
 
 from conftest import SHARED_DATA, needs_shared_data, write_jsonl
 
@@ -147,3 +149,52 @@ def test_a_tokenizer_whose_vocabulary_did_not_load_is_refused(tmp_path):
     (folder / "tokenizer_config.json").write_bytes(config.read_bytes())
     with pytest.raises(ValueError, match="turns text into no tokens.*tokenizer.json"):
         load_tokenizer(str(folder))
+
+
+# ---------------------------------------------------------------- cross-tokenizer rows
+
+
+@pytest.fixture(scope="module")
+def unigram(examples):
+    return train_tokenizer([e["prompt"] + e["response"] for e in examples], vocab_size=260, family="sentencepiece")
+
+
+def test_cross_tokenizer_rows_carry_the_teacher_view_and_pairs_of_response_tokens(tokenizer, unigram):
+    rows = [{"prompt": "### Instruction:\nSort 3 1 2\n\n### Response:\n", "output": "1 2 3"}]
+    row = prepare(rows, unigram, teacher_tokenizer=tokenizer, pairings=("mined",))[0]
+    assert row["teacher_input_ids"] == tokenizer(rows[0]["prompt"] + rows[0]["output"])["input_ids"] + [2]
+    teacher_text, student_text = token_bytes(tokenizer), token_bytes(unigram)
+    assert row["aligned_pairs"] and row["mined_pairs"]
+    for teacher_index, student_index in row["aligned_pairs"]:
+        assert row["teacher_labels"][teacher_index] != IGNORE_INDEX and row["labels"][student_index] != IGNORE_INDEX
+        teacher_id, student_id = row["teacher_input_ids"][teacher_index], row["input_ids"][student_index]
+        assert teacher_text[teacher_id] == student_text[student_id] or (teacher_id, student_id) == (2, 2)
+    assert row["aligned_pairs"][-1] == [len(row["teacher_input_ids"]) - 1, len(row["input_ids"]) - 1]  # EOS ↔ EOS
+
+
+def test_a_cut_response_has_no_eos_pair(tokenizer, unigram):
+    rows = [{"prompt": "a\n", "output": "b c " * 100}]
+    row = prepare(rows, unigram, teacher_tokenizer=tokenizer, max_length=40)[0]
+    assert len(row["input_ids"]) == 40 and len(row["teacher_input_ids"]) == 40
+    last_pair = row["aligned_pairs"][-1]
+    assert row["input_ids"][last_pair[1]] != unigram.eos_token_id
+
+
+def test_a_row_the_teacher_cannot_use_is_reported_as_the_teachers(tokenizer, unigram):
+    rows = [{"prompt": " backwards" * 20 + "\n", "output": "y"}]  # fewer student than teacher tokens
+    assert len(unigram(rows[0]["prompt"])["input_ids"]) < 150 < len(tokenizer(rows[0]["prompt"])["input_ids"])
+    with pytest.raises(DataError, match="row 0: the prompt has \\d+ teacher tokens"):
+        prepare(rows, unigram, teacher_tokenizer=tokenizer, max_prompt_length=150, max_length=300)
+
+
+def test_collator_pads_the_teacher_view_and_the_pairs(tokenizer, unigram):
+    rows = prepare(
+        [{"prompt": "a\n", "output": "b"}, {"prompt": "sort 3 2 1\n", "output": "1 2 3"}], unigram,
+        teacher_tokenizer=tokenizer,
+    )
+    batch = DistillCollator(unigram.pad_token_id, teacher_pad_token_id=tokenizer.pad_token_id)([rows[0], rows[1]])
+    assert batch["teacher_input_ids"].shape[1] == max(len(r["teacher_input_ids"]) for r in rows)
+    pairs = batch["aligned_pairs"]
+    assert pairs.shape == (2, max(len(r["aligned_pairs"]) for r in rows), 2)
+    short = len(rows[0]["aligned_pairs"])
+    assert pairs[0, :short].tolist() == rows[0]["aligned_pairs"] and (pairs[0, short:] == -1).all()
