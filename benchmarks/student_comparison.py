@@ -1,0 +1,77 @@
+"""Shared by the benchmarks that train several quickstart students from one teacher and compare them over seeds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from llmdistill.quickstart.run import run_quickstart, student_name
+
+METRICS = (  # key, header, format
+    ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
+    ("top1_agreement", "top-1 agreement % ↑", "{:.1f}"),
+    ("exact_match", "exact match % ↑", "{:.1f}"),
+    ("rouge_l", "ROUGE-L ↑", "{:.1f}"),
+    ("seconds_per_step", "s / step", "{:.3f}"),
+)
+
+
+def mean_std(values: list[float], fmt: str) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(spread)}"
+
+
+def table(runs: list[dict], objectives: tuple[str, ...], baseline: str, metrics=METRICS) -> list[str]:
+    """One Markdown row per student: mean ± std of each metric and the time per step relative to `baseline`."""
+    lines = [
+        "| student | " + " | ".join(title for _, title, _ in metrics) + f" | time per step vs {baseline} |",
+        "|---" * (len(metrics) + 2) + "|",
+    ]
+    for objective in objectives:
+        name = student_name(objective)
+        rows = [run["models"][name] for run in runs]
+        cells = [mean_std([row[key] for row in rows], fmt) for key, _, fmt in metrics]
+        ratios = [
+            run["models"][name]["seconds_per_step"] / run["models"][student_name(baseline)]["seconds_per_step"]
+            for run in runs
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std(ratios, '{:.2f}')}× |")
+    teacher = runs[0]["models"]["teacher"]
+    return lines + ["", f"Teacher: exact match {teacher['exact_match']:.1f}%, ROUGE-L {teacher['rouge_l']:.1f}."]
+
+
+def parse_args(description: str, results: Path, output_dir: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output-dir", type=Path, default=Path(output_dir))
+    parser.add_argument("--smoke", action="store_true", help="the quickstart's smoke settings (seconds)")
+    parser.add_argument("--results", type=Path, default=results)
+    return parser.parse_args()
+
+
+def run_seeds(args: argparse.Namespace, objectives: tuple[str, ...], **quickstart_options) -> list[dict]:
+    """One quickstart run per student seed (task and teacher fixed by quickstart seed 0), each saved as JSON."""
+    runs = []
+    for seed in args.seeds:
+        runs.append(
+            run_quickstart(
+                args.output_dir, seed=0, smoke=args.smoke, objectives=objectives, student_seed=seed,
+                **quickstart_options,
+            )
+        )
+        (args.output_dir / f"results_seed{seed}.json").write_text(json.dumps(runs[-1], indent=2))
+    return runs
+
+
+def command(script: str, args: argparse.Namespace) -> str:
+    return f"python benchmarks/{script} " + " ".join(
+        ["--seeds", *map(str, args.seeds)] + (["--smoke"] if args.smoke else [])
+    )
+
+
+def write(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
