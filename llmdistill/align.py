@@ -1,8 +1,8 @@
 """Which teacher and student tokens stand for the same text, for cross-tokenizer distillation.
 
 Exact Token Alignment (ETA): both tokenizers encode the same text; a teacher token and a student token are aligned
-when they cover exactly the same bytes of it (`token_byte_spans`, `align_spans`, `align_texts`). MinED instead pairs
-the tokens on the cheapest edit-distance warping path between the two token sequences (`edit_distance_pairs`).
+when they cover exactly the same bytes of it (`token_byte_spans`, `align_spans`, `align_texts`, `align_batch`).
+MinED's pairing by edit distance is in `llmdistill.edit_distance`.
 
 Spans are in bytes of the UTF-8 text, so tokens that split one character (byte-level BPE, byte fallback) get spans too.
 A span is kept only when the token's own bytes are the text's bytes there, so an aligned pair always predicts the same
@@ -11,7 +11,9 @@ bytes after the same text prefix; tokens whose text a normaliser changed (NFC) a
 
 from __future__ import annotations
 
+import itertools
 import json
+import unicodedata
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +25,6 @@ from transformers import PreTrainedTokenizerBase
 from .vocab import token_bytes
 
 NO_SPAN = -1
-WORD_BITS = 64
 BYTE_LEVEL_SPACE = "\u0120"  # Ġ
 
 
@@ -35,6 +36,7 @@ class _VocabTable(NamedTuple):
     starts: np.ndarray
     flat: np.ndarray
     trimmed_end: np.ndarray
+    normal_forms: tuple[str, ...] | None  # Unicode forms the normaliser applies; None: it may change text otherwise
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -65,10 +67,26 @@ def _build_vocab_table(tokenizer: PreTrainedTokenizerBase) -> _VocabTable:
     starts = np.concatenate([[0], np.cumsum(np.maximum(lengths, 0))[:-1]])
     flat = np.frombuffer(b"".join(piece for piece in pieces if piece), dtype=np.uint8)
     trimmed_end = np.zeros(len(pieces), dtype=np.int64)
-    if _trims_offsets(json.loads(tokenizer.backend_tokenizer.to_str())["post_processor"]):
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    if _trims_offsets(backend["post_processor"]):
         strings = tokenizer.convert_ids_to_tokens(list(range(len(pieces))))
         trimmed_end[:] = [_trailing_spaces(string or "") for string in strings]
-    return _VocabTable(lengths, starts, flat, trimmed_end)
+    return _VocabTable(lengths, starts, flat, trimmed_end, _normal_forms(backend["normalizer"]))
+
+
+def _normal_forms(normalizer: dict | None) -> tuple[str, ...] | None:
+    """The Unicode normal forms a normaliser applies, if that is all it does to the text (SentencePiece's `▁` for
+    spaces and its prefix `▁` decode back to spaces, so they count as keeping it); None for anything else."""
+    if normalizer is None:
+        return ()
+    kind = normalizer["type"]
+    if kind == "Sequence":
+        forms = [_normal_forms(part) for part in normalizer["normalizers"]]
+        return None if None in forms else tuple(form for part in forms for form in part)
+    if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+        return (kind,)
+    marks_spaces = kind == "Replace" and normalizer["pattern"].get("String") == " " and normalizer["content"] == "▁"
+    return () if marks_spaces or (kind == "Prepend" and normalizer["prepend"] == "▁") else None
 
 
 def _trims_offsets(processor: dict | None) -> bool:
@@ -111,15 +129,17 @@ def token_byte_spans(
     """
     table = _vocab_table(tokenizer)
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    char_ends = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 1]
+    char_ends = _offset_ends(offsets)
     if len(char_ends) != len(ids) or (len(ids) and char_ends.max() > len(text)):
-        raise ValueError(f"{len(offsets)} offsets for {len(ids)} tokens of a {len(text)}-character text do not match")
+        raise ValueError(
+            f"{len(char_ends)} offsets for {len(ids)} tokens of a {len(text)}-character text: they do not match"
+        )
     spans = np.full((len(ids), 2), NO_SPAN, dtype=np.int64)
     lengths = table.lengths[ids]
     text_tokens = np.flatnonzero(lengths > 0)
     if not len(text_tokens):
         return spans
-    ends = _char_to_byte(text)[char_ends]
+    ends = char_ends if text.isascii() else _char_to_byte(text)[char_ends]
     ends[text_tokens] += table.trimmed_end[ids[text_tokens]]
     covered_before = np.concatenate([[0], np.maximum.accumulate(ends)[:-1]])
     prefix_space = bool(table.flat[table.starts[ids[text_tokens[0]]]] == ord(" "))
@@ -128,6 +148,72 @@ def token_byte_spans(
     kept = _matches_text(starts, ends, ids[text_tokens], table, text_bytes, prefix_space)
     spans[text_tokens[kept]] = np.stack([starts[kept], ends[kept]], axis=1)
     return spans
+
+
+def align_batch(
+    texts: Sequence[str],
+    teacher_ids: Sequence[Sequence[int]],
+    teacher_offsets: Sequence[Sequence[tuple[int, int]]],
+    student_ids: Sequence[Sequence[int]],
+    student_offsets: Sequence[Sequence[tuple[int, int]]],
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`align_spans(token_byte_spans(...), token_byte_spans(...))` of many texts, in one pass over all of them.
+
+    Each text's spans are moved into a byte range of its own, so one join aligns every text; the pairs come back
+    per text as (teacher index, student index) arrays.
+    """
+    text_bytes = np.array([len(text.encode()) for text in texts], dtype=np.int64)
+    text_starts = np.concatenate([[0], np.cumsum(text_bytes + 1)[:-1]])
+    teacher_spans, teacher_first = _flat_byte_spans(texts, teacher_offsets, teacher_ids, teacher_tokenizer,
+                                                    text_bytes, text_starts)
+    student_spans, student_first = _flat_byte_spans(texts, student_offsets, student_ids, student_tokenizer,
+                                                    text_bytes, text_starts)
+    teacher_index, student_index = align_spans(teacher_spans, student_spans)
+    text_of_pair = np.searchsorted(teacher_first, teacher_index, side="right") - 1
+    teacher_index = teacher_index - teacher_first[text_of_pair]
+    student_index = student_index - student_first[text_of_pair]
+    bounds = np.searchsorted(text_of_pair, np.arange(len(texts) + 1)).tolist()
+    return [(teacher_index[a:b], student_index[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _flat_byte_spans(texts, offsets, ids, tokenizer, text_bytes: np.ndarray, text_starts: np.ndarray):
+    """All texts' token spans in one [Σ n_k, 2] array, text k's shifted by text_starts[k]; and each text's first row.
+
+    Where the tokenizer keeps a text as it is (no normaliser, or only a Unicode normal form the text already has)
+    and its tokens' bytes add up to the text's (one more for SentencePiece's dummy prefix space), the tokens tile
+    the text: their spans are running sums of their byte lengths, for all such texts in a few array operations.
+    Any other text goes through `token_byte_spans` and its offsets.
+    """
+    table = _vocab_table(tokenizer)
+    counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat_ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(counts.sum()))
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    lengths = np.maximum(table.lengths[flat_ids], 0)
+    through = np.cumsum(lengths)
+    before_text = np.concatenate([[0], through])[first]
+    totals = np.concatenate([before_text[1:], through[-1:] if len(through) else [0]]) - before_text
+    opens_with_space = table.flat.take(table.starts[flat_ids.take(first, mode="clip")], mode="clip") == ord(" ")
+    prefix = (totals == text_bytes + 1) & opens_with_space & (counts > 0)
+    ends = through - np.repeat(before_text + prefix - text_starts, counts)
+    spans = np.stack([np.maximum(ends - lengths, np.repeat(text_starts, counts)), ends], axis=1)
+    spans[spans[:, 1] <= spans[:, 0]] = NO_SPAN  # special tokens, and a dummy-prefix space standing alone
+    tiles = (totals == text_bytes) | prefix
+    for k in np.flatnonzero(~tiles | ~np.array([_keeps_text(text, table) for text in texts])).tolist():
+        own = token_byte_spans(texts[k], offsets[k], ids[k], tokenizer)
+        spans[first[k] : first[k] + counts[k]] = np.where(own >= 0, own + text_starts[k], NO_SPAN)
+    return spans, first
+
+
+def _keeps_text(text: str, table: _VocabTable) -> bool:
+    return table.normal_forms is not None and all(unicodedata.is_normalized(form, text) for form in table.normal_forms)
+
+
+def _offset_ends(offsets: Sequence[tuple[int, int]] | np.ndarray) -> np.ndarray:
+    if isinstance(offsets, np.ndarray):
+        return offsets.reshape(-1, 2)[:, 1].astype(np.int64)
+    return np.array([end for _, end in offsets], dtype=np.int64)  # 4x faster than np.array(list of tuples)
 
 
 def _split_runs(
@@ -156,7 +242,11 @@ def _split_runs(
 
 
 def _matches_text(
-    starts: np.ndarray, ends: np.ndarray, ids: np.ndarray, table: _VocabTable, text_bytes: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    ids: np.ndarray,
+    table: _VocabTable,
+    text_bytes: np.ndarray,
     prefix_space: bool,
 ) -> np.ndarray:
     """Which tokens' bytes equal the text's bytes at their span (the first may have one extra leading space)."""
@@ -178,12 +268,16 @@ def _matches_text(
 def align_spans(teacher_spans: np.ndarray, student_spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(teacher index, student index) int64 arrays of the tokens whose spans are equal and valid.
 
-    A merge-join: each side's valid spans tile the text in order, so their (start, end) keys are strictly increasing.
+    Each side's valid spans tile the text in order, so their (start, end) keys are strictly increasing: a vectorised
+    join of the two sorted key arrays (binary search, which costs less per call than a merge at these lengths).
     """
     teacher_index, teacher_keys = _span_keys(teacher_spans)
     student_index, student_keys = _span_keys(student_spans)
-    _, in_teacher, in_student = np.intersect1d(teacher_keys, student_keys, assume_unique=True, return_indices=True)
-    return teacher_index[in_teacher], student_index[in_student]
+    if not len(student_keys):
+        return teacher_index[:0], student_index
+    position = np.searchsorted(student_keys, teacher_keys)
+    found = student_keys.take(position, mode="clip") == teacher_keys
+    return teacher_index[found], student_index[position[found]]
 
 
 def _span_keys(spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +327,8 @@ def align_texts(
     pairs = list(zip(teacher_index.tolist(), student_index.tolist()))
     if eos:
         pairs.append((len(teacher_ids), len(student_ids)))
-        teacher_ids, student_ids = teacher_ids + [_eos_id(teacher_tokenizer)], student_ids + [_eos_id(student_tokenizer)]
+        teacher_ids = teacher_ids + [_eos_id(teacher_tokenizer)]
+        student_ids = student_ids + [_eos_id(student_tokenizer)]
     return Alignment(teacher_ids, student_ids, pairs, teacher_alignable + eos, student_alignable + eos)
 
 
@@ -329,142 +424,3 @@ def alignment_summary(
         ),
         "pairs": [list(pair) for pair in alignment.pairs],
     }
-
-
-def edit_distance_pairs(
-    teacher_pieces: Sequence[bytes | str], student_pieces: Sequence[bytes | str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """MinED's pairs: the 1-to-1 steps of the dynamic-time-warping path with edit distance between tokens as cost.
-
-    A step (j, i) is kept when no other step of the path uses teacher token j or student token i. Ties on the path
-    prefer the diagonal step, then the teacher's, then the student's. Returns int64 (teacher index, student index).
-    """
-    if not len(teacher_pieces) or not len(student_pieces):
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    teacher_steps, student_steps = _warping_path(edit_distances(teacher_pieces, student_pieces))
-    alone = (np.bincount(teacher_steps)[teacher_steps] == 1) & (np.bincount(student_steps)[student_steps] == 1)
-    return teacher_steps[alone], student_steps[alone]
-
-
-def _warping_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The cheapest monotone path from (0, 0) to the last cell, steps (+1, +1), (+1, 0) or (0, +1)."""
-    total = np.empty_like(cost)
-    total[0] = np.cumsum(cost[0])
-    never = np.iinfo(np.int64).max // 2
-    for row in range(1, len(cost)):
-        above = total[row - 1]
-        diagonal = np.concatenate([[never], above[:-1]])
-        through_row = np.cumsum(cost[row])
-        entered = cost[row] + np.minimum(diagonal, above)
-        # Moving along the row adds each cell's cost: total = min over entry k of entered[k] + Σ cost(k, here].
-        total[row] = through_row + np.minimum.accumulate(entered - through_row)
-    return _backtrack(total)
-
-
-def _backtrack(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    row, column = total.shape[0] - 1, total.shape[1] - 1
-    steps = [(row, column)]
-    while row or column:
-        moves = []
-        if row and column:
-            moves.append((total[row - 1, column - 1], row - 1, column - 1))
-        if row:
-            moves.append((total[row - 1, column], row - 1, column))
-        if column:
-            moves.append((total[row, column - 1], row, column - 1))
-        _, row, column = min(moves, key=lambda move: move[0])  # min keeps the first of equals: diagonal first
-        steps.append((row, column))
-    path = np.array(steps[::-1], dtype=np.int64)
-    return path[:, 0], path[:, 1]
-
-
-def edit_distances(rows: Sequence[bytes | str], columns: Sequence[bytes | str]) -> np.ndarray:
-    """Levenshtein distance between every row piece and every column piece: int64 [len(rows), len(columns)].
-
-    Pieces are compared symbol by symbol (bytes by byte, str by character). Computed once per distinct pair, with
-    Myers' bit-parallel algorithm vectorised over all pairs.
-    """
-    row_pieces, row_of = _distinct_by_length(rows)
-    column_pieces, column_of = _distinct_by_length(columns)
-    return _bit_parallel_distances(row_pieces, column_pieces)[np.ix_(row_of, column_of)]
-
-
-def _distinct_by_length(pieces: Sequence[bytes | str]) -> tuple[list[list[int]], np.ndarray]:
-    """The distinct pieces as symbol lists, longest first, and each input piece's index among them."""
-    distinct = sorted(set(pieces), key=len, reverse=True)
-    index = {piece: position for position, piece in enumerate(distinct)}
-    symbols = [list(piece) if isinstance(piece, bytes) else [ord(char) for char in piece] for piece in distinct]
-    return symbols, np.array([index[piece] for piece in pieces], dtype=np.int64)
-
-
-def _bit_parallel_distances(patterns: list[list[int]], texts: list[list[int]]) -> np.ndarray:
-    """Hyyrö's form of Myers' algorithm: one bit per pattern symbol in 64-bit words, all (pattern, text) at once.
-
-    Both lists are sorted longest first, so the patterns still needing word w and the texts still having a symbol
-    at step i are leading slices of the state arrays.
-    """
-    pattern_lengths = np.array([len(p) for p in patterns], dtype=np.int64)
-    text_lengths = np.array([len(t) for t in texts], dtype=np.int64)
-    distances = np.repeat(pattern_lengths[:, None], len(texts), axis=1)
-    distances[pattern_lengths == 0] = text_lengths
-    words = max(1, -(-int(pattern_lengths.max()) // WORD_BITS))
-    alphabet, pattern_masks = _pattern_masks(patterns, texts, words)
-    text_symbols = np.zeros((len(texts), max(int(text_lengths.max()), 1)), dtype=np.int64)
-    for position, text in enumerate(texts):
-        text_symbols[position, : len(text)] = np.searchsorted(alphabet, text)
-    rows_for_word = [int((pattern_lengths > w * WORD_BITS).sum()) for w in range(words + 1)]
-    last_bit = np.left_shift(np.uint64(1), ((pattern_lengths - 1) % WORD_BITS).astype(np.uint64))[:, None]
-    positive = np.full((words, len(patterns), len(texts)), np.iinfo(np.uint64).max, dtype=np.uint64)
-    negative = np.zeros_like(positive)
-    for step in range(int(text_lengths.max())):
-        columns = int((text_lengths > step).sum())
-        symbols = text_symbols[:columns, step]
-        carries = (np.ones((rows_for_word[0], columns), np.uint64), np.zeros((rows_for_word[0], columns), np.uint64),
-                   np.zeros((rows_for_word[0], columns), np.uint64))
-        for word in range(words):
-            rows = rows_for_word[word]
-            if not rows:
-                break
-            ends_here = slice(rows_for_word[word + 1], rows)
-            carries = _advance_word(
-                pattern_masks[word, :rows][:, symbols], positive[word, :rows, :columns],
-                negative[word, :rows, :columns], [carry[:rows] for carry in carries],
-                distances[ends_here, :columns], last_bit[ends_here], ends_here,
-            )
-    return distances
-
-
-def _pattern_masks(patterns: list[list[int]], texts: list[list[int]], words: int) -> tuple[np.ndarray, np.ndarray]:
-    """The sorted alphabet and, per word, pattern and symbol, the bits of the positions holding that symbol."""
-    alphabet = np.unique(np.array([s for piece in (*patterns, *texts) for s in piece], dtype=np.int64))
-    masks = np.zeros((words, len(patterns), len(alphabet)), dtype=np.uint64)
-    pattern_of = np.repeat(np.arange(len(patterns)), [len(p) for p in patterns])
-    position = np.concatenate([np.arange(len(p)) for p in patterns]).astype(np.int64)
-    symbol = np.searchsorted(alphabet, np.array([s for p in patterns for s in p], dtype=np.int64))
-    bits = np.left_shift(np.uint64(1), (position % WORD_BITS).astype(np.uint64))
-    np.bitwise_or.at(masks, (position // WORD_BITS, pattern_of, symbol), bits)
-    return alphabet, masks
-
-
-def _advance_word(equal, positive, negative, carries, distances, last_bit, ends_here):
-    """One text symbol through one 64-bit word of the vertical deltas (updated in place); returns the carries out.
-
-    carries: (horizontal +1 shifted in, horizontal -1 shifted in, the addition's carry), each [rows, columns].
-    `distances` / `last_bit` are the rows of patterns whose last symbol is in this word.
-    """
-    plus_in, minus_in, add_in = carries
-    vertical = equal | negative
-    matched = equal & positive
-    partial = matched + positive
-    total = partial + add_in
-    add_out = ((partial < matched) | (total < partial)).astype(np.uint64)
-    horizontal = ((total ^ positive) | equal)
-    plus = negative | ~(horizontal | positive)
-    minus = positive & horizontal
-    distances += ((plus[ends_here] & last_bit) != 0).astype(np.int64) - ((minus[ends_here] & last_bit) != 0)
-    plus_out, minus_out = plus >> np.uint64(WORD_BITS - 1), minus >> np.uint64(WORD_BITS - 1)
-    plus = (plus << np.uint64(1)) | plus_in
-    minus = (minus << np.uint64(1)) | minus_in
-    positive[:] = minus | ~(vertical | plus)
-    negative[:] = plus & vertical
-    return plus_out, minus_out, add_out

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .align import align_spans, edit_distance_pairs, token_byte_spans
-from .vocab import token_bytes
+from .align import align_spans, token_byte_spans, token_pieces
+from .edit_distance import edit_distance_pairs
 
 IGNORE_INDEX = -100
 RESPONSE_COLUMNS = ("output", "completion", "response")
@@ -232,17 +232,13 @@ def _response_spans(side: _Side, tokenizer, same_prompt: bool) -> np.ndarray:
 
 def mined_pairs(teacher: TokenizedExample, student: TokenizedExample, teacher_tokenizer, student_tokenizer):
     """MinED: the 1-to-1 steps of the edit-distance warping between the two responses' tokens."""
-    teacher_pieces = _pieces(teacher, teacher_tokenizer)
-    student_pieces = _pieces(student, student_tokenizer)
-    teacher_index, student_index = edit_distance_pairs(teacher_pieces, student_pieces)
+    teacher_index, student_index = edit_distance_pairs(
+        token_pieces(teacher.ids[teacher.response_start :], teacher_tokenizer),
+        token_pieces(student.ids[student.response_start :], student_tokenizer),
+    )
     return np.stack(
         [teacher_index + teacher.response_start, student_index + student.response_start], axis=1
     ).tolist()
-
-
-def _pieces(example: TokenizedExample, tokenizer) -> list[bytes]:
-    texts = token_bytes(tokenizer)
-    return [texts[i] if i < len(texts) and texts[i] is not None else b"" for i in example.ids[example.response_start :]]
 
 
 def _text_problem(prompt, response) -> str | None:
