@@ -60,6 +60,21 @@ def model_dirs(tmp_path, tokenizer) -> tuple[Path, Path]:
     return teacher_dir, student_dir
 
 
+def assert_same_loss_and_gradients(ours: torch.Tensor, reference: torch.Tensor, parameters: list) -> None:
+    """Loss and the gradient of every parameter equal a reference's; a parameter the reference does not reach gets
+    no gradient (or zeros)."""
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+    for mine, theirs in zip(
+        torch.autograd.grad(ours, parameters, allow_unused=True),
+        torch.autograd.grad(reference, parameters, allow_unused=True),
+        strict=True,
+    ):
+        if theirs is None:
+            assert mine is None or mine.abs().max() == 0
+        else:
+            torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-6)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
