@@ -1,5 +1,5 @@
 """Cross-tokenizer distillation on the quickstart task: the teacher reads its byte-level BPE, every student a
-SentencePiece-style unigram of its own. SFT and the five cross-tokenizer objectives, same steps, several seeds.
+SentencePiece-style BPE of its own. SFT and the five cross-tokenizer objectives, same steps, several seeds.
 
     python benchmarks/cross_tokenizer.py                      # seeds 0 1 2, the quickstart's default settings
     python benchmarks/cross_tokenizer.py --seeds 0 --smoke    # seconds: the same code path on the smoke settings
@@ -23,7 +23,7 @@ def main() -> None:
     args = parse_args(__doc__, RESULTS, "runs/cross_tokenizer")
     runs = run_seeds(args, OBJECTIVES, cross_tokenizer=True)
     lines = [
-        "# Cross-tokenizer KD on the quickstart task (teacher: byte-level BPE; students: SentencePiece-style unigram)",
+        "# Cross-tokenizer KD on the quickstart task (teacher: byte-level BPE; students: SentencePiece-style BPE)",
         "",
         f"`{command('cross_tokenizer.py', args)}`: one teacher (quickstart seed 0), students over seeds "
         f"{args.seeds} (mean ± std; n = {len(runs)}).",

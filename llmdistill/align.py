@@ -164,6 +164,8 @@ def align_batch(
     Each text's spans are moved into a byte range of its own, so one join aligns every text; the pairs come back
     per text as (teacher index, student index) arrays.
     """
+    if not texts:
+        return []
     text_bytes = np.array([len(text.encode()) for text in texts], dtype=np.int64)
     text_starts = np.concatenate([[0], np.cumsum(text_bytes + 1)[:-1]])
     teacher_spans, teacher_first = _flat_byte_spans(texts, teacher_offsets, teacher_ids, teacher_tokenizer,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .align import align_spans, token_byte_spans, token_pieces
+from .align import align_batch, align_spans, token_byte_spans, token_pieces
 from .edit_distance import edit_distance_pairs
 
 IGNORE_INDEX = -100
@@ -91,7 +90,8 @@ def render_example(row: dict, fmt: ExampleFormat, tokenizer: PreTrainedTokenizer
 class TokenizedExample(NamedTuple):
     ids: list[int]  # prompt + response + EOS, cut to max_length
     response_start: int  # index of the first token covering a response character, -1 if none
-    offsets: list[tuple[int, int]]  # character offsets of the tokenizer's own tokens (before EOS is appended)
+    text_ids: list[int]  # the tokenizer's own ids for the text (before EOS is appended and the cut)
+    offsets: list[tuple[int, int]]  # their character offsets
     complete: bool  # nothing was cut: the sequence ends with EOS right after the full text
 
 
@@ -107,11 +107,12 @@ def tokenize_example(
     encoding = tokenizer(
         prompt + response, add_special_tokens=add_special_tokens, return_offsets_mapping=True, verbose=False
     )
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    text_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     response_start = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), -1)
+    ids = text_ids
     if response_start >= 0 and ids[-1] != tokenizer.eos_token_id:
         ids = ids + [tokenizer.eos_token_id]
-    return TokenizedExample(ids[:max_length], response_start, offsets, len(ids) <= max_length)
+    return TokenizedExample(ids[:max_length], response_start, text_ids, offsets, len(ids) <= max_length)
 
 
 def prepare_dataset(
@@ -132,7 +133,7 @@ def prepare_dataset(
     (ETA, always) and `mined_pairs` (MinED, when `pairings` asks for "mined"), as (teacher index, student index).
     """
     sides = [("", tokenizer)] + ([("teacher ", teacher_tokenizer)] if teacher_tokenizer is not None else [])
-    rows, problems, dropped = defaultdict(list), [], 0
+    usable, problems, dropped = [], [], 0
     for index, row in enumerate(dataset):
         encoded, problem = [], None
         for role, side_tokenizer in sides:
@@ -150,13 +151,13 @@ def prepare_dataset(
         elif problem:
             problems.append(f"row {index}: {role + 'tokenizer: ' if role else ''}{problem}")
         else:
-            _add_features(rows, encoded, tokenizer, teacher_tokenizer, pairings)
+            usable.append(encoded)
     _raise_if_problems(problems, len(dataset), name)
-    if not rows["input_ids"]:
+    if not usable:
         raise DataError(f"{name} data: no usable example is left ({dropped} dropped for overlong prompts).")
     if dropped:
         logger.warning("%s data: skipped %d examples with prompts over %d tokens", name, dropped, max_prompt_length)
-    return datasets.Dataset.from_dict(dict(rows))
+    return datasets.Dataset.from_dict(_features(usable, tokenizer, teacher_tokenizer, pairings))
 
 
 class _Side(NamedTuple):
@@ -179,54 +180,73 @@ def _tokenize_side(row, fmt, tokenizer, max_prompt_length, max_length) -> tuple[
     return _Side(prompt, response, example), _token_problem(example.response_start, max_prompt_length)
 
 
-def _add_features(rows, encoded: list[_Side], tokenizer, teacher_tokenizer, pairings) -> None:
-    student = encoded[0].example
-    rows["input_ids"].append(student.ids)
-    rows["labels"].append(_labels(student))
+def _features(usable: list[list[_Side]], tokenizer, teacher_tokenizer, pairings) -> dict[str, list]:
+    students = [encoded[0].example for encoded in usable]
+    features = {"input_ids": [e.ids for e in students], "labels": [_labels(e) for e in students]}
     if teacher_tokenizer is None:
-        return
-    teacher_side, student_side = encoded[1], encoded[0]
-    rows["teacher_input_ids"].append(teacher_side.example.ids)
-    rows["teacher_labels"].append(_labels(teacher_side.example))
-    rows["aligned_pairs"].append(eta_pairs(teacher_side, student_side, teacher_tokenizer, tokenizer))
+        return features
+    teacher_sides, student_sides = [encoded[1] for encoded in usable], [encoded[0] for encoded in usable]
+    features["teacher_input_ids"] = [side.example.ids for side in teacher_sides]
+    features["teacher_labels"] = [_labels(side.example) for side in teacher_sides]
+    features["aligned_pairs"] = eta_pairs(teacher_sides, student_sides, teacher_tokenizer, tokenizer)
     if "mined" in pairings:
-        rows["mined_pairs"].append(mined_pairs(teacher_side.example, student, teacher_tokenizer, tokenizer))
+        features["mined_pairs"] = [
+            mined_pairs(t.example, s.example, teacher_tokenizer, tokenizer) for t, s in zip(teacher_sides, student_sides)
+        ]
+    return features
 
 
 def _labels(example: TokenizedExample) -> list[int]:
     return [IGNORE_INDEX] * example.response_start + example.ids[example.response_start :]
 
 
-def eta_pairs(teacher: _Side, student: _Side, teacher_tokenizer, student_tokenizer) -> list[list[int]]:
-    """(teacher index, student index) of the response tokens covering the same bytes of the response (ETA)."""
-    same_prompt = teacher.prompt == student.prompt
-    teacher_spans = _response_spans(teacher, teacher_tokenizer, same_prompt)
-    student_spans = _response_spans(student, student_tokenizer, same_prompt)
-    teacher_index, student_index = align_spans(teacher_spans, student_spans)
-    keep = (teacher_index >= teacher.example.response_start) & (student_index >= student.example.response_start)
-    return np.stack([teacher_index[keep], student_index[keep]], axis=1).tolist()
+def eta_pairs(teachers: list[_Side], students: list[_Side], teacher_tokenizer, student_tokenizer) -> list[list]:
+    """Per row, (teacher index, student index) of the kept response tokens that cover the same bytes (ETA); the two
+    EOS tokens are paired when both follow the full text.
 
-
-def _response_spans(side: _Side, tokenizer, same_prompt: bool) -> np.ndarray:
-    """Byte spans of the kept tokens, counted from the response's first byte; -1 where a token cannot be aligned.
-
-    When the two tokenizers render different prompts (chat templates), a token reaching into the prompt covers
-    different text on each side and is not aligned. EOS after the full text gets the span just past its end.
+    Rows whose two prompts are the same text (prompt/response data) are aligned all at once (`align_batch`). Rows
+    whose prompts differ (chat templates) are aligned one by one on the response, where a token reaching into the
+    prompt covers different text on each side and is not aligned.
     """
+    same = [k for k, (teacher, student) in enumerate(zip(teachers, students)) if teacher.prompt == student.prompt]
+    together = align_batch(
+        [students[k].prompt + students[k].response for k in same],
+        [teachers[k].example.text_ids for k in same], [teachers[k].example.offsets for k in same],
+        [students[k].example.text_ids for k in same], [students[k].example.offsets for k in same],
+        teacher_tokenizer, student_tokenizer,
+    )
+    aligned = dict(zip(same, together))
+    return [
+        _kept_pairs(
+            teacher.example, student.example, teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id,
+            *(aligned.get(k) or _response_alignment(teacher, student, teacher_tokenizer, student_tokenizer)),
+        )
+        for k, (teacher, student) in enumerate(zip(teachers, students))
+    ]
+
+
+def _kept_pairs(teacher: TokenizedExample, student: TokenizedExample, teacher_eos: int, student_eos: int,
+                teacher_index: np.ndarray, student_index: np.ndarray) -> list[list[int]]:
+    """The pairs of response tokens that survived the cut, plus EOS ↔ EOS when both sequences end with it."""
+    keep = (teacher_index >= teacher.response_start) & (student_index >= student.response_start)
+    keep &= (teacher_index < len(teacher.ids)) & (student_index < len(student.ids))
+    pairs = np.stack([teacher_index[keep], student_index[keep]], axis=1).tolist()
+    ends_with_eos = (
+        teacher.complete and student.complete and teacher.ids[-1] == teacher_eos and student.ids[-1] == student_eos
+    )
+    return pairs + [[len(teacher.ids) - 1, len(student.ids) - 1]] if ends_with_eos else pairs
+
+
+def _response_alignment(teacher: _Side, student: _Side, teacher_tokenizer, student_tokenizer):
+    return align_spans(_response_spans(teacher, teacher_tokenizer), _response_spans(student, student_tokenizer))
+
+
+def _response_spans(side: _Side, tokenizer) -> np.ndarray:
+    """Byte spans of the text tokens counted from the response's first byte; -1 for those starting in the prompt."""
     example = side.example
-    text = side.prompt + side.response
-    text_tokens = len(example.offsets)
-    ids = example.ids[: min(text_tokens, len(example.ids))]
-    spans = token_byte_spans(text, example.offsets[: len(ids)], ids, tokenizer)
-    shift = len(side.prompt.encode())
-    valid = spans[:, 0] >= 0
-    spans = np.where(valid[:, None], spans - shift, -1)
-    if not same_prompt:
-        spans[spans[:, 0] < 0] = -1
-    if example.complete and example.ids[-1] == tokenizer.eos_token_id:
-        end = len(text.encode()) - shift
-        eos_span = np.array([[end, end + 1]], dtype=spans.dtype)
-        spans = np.concatenate([spans[: len(example.ids) - 1], eos_span])
+    spans = token_byte_spans(side.prompt + side.response, example.offsets, example.text_ids, tokenizer)
+    spans = spans - len(side.prompt.encode())
+    spans[spans[:, 0] < 0] = -1
     return spans
 
 

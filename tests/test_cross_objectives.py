@@ -19,7 +19,7 @@ from conftest import assert_same_loss_and_gradients, tiny_gpt2, tiny_llama
 
 @pytest.fixture(scope="module")
 def student_tokenizer(examples):
-    """A SentencePiece-style unigram: a different family from the byte-level BPE `tokenizer` the teacher reads."""
+    """A SentencePiece-style BPE (▁ for spaces, prefix space): a different family from the byte-level BPE `tokenizer` the teacher reads."""
     return train_tokenizer([e["prompt"] + e["response"] for e in examples], vocab_size=260, family="sentencepiece")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import datasets
 import pytest
 
@@ -155,15 +157,15 @@ def test_a_tokenizer_whose_vocabulary_did_not_load_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def unigram(examples):
+def sentencepiece(examples):
     return train_tokenizer([e["prompt"] + e["response"] for e in examples], vocab_size=260, family="sentencepiece")
 
 
-def test_cross_tokenizer_rows_carry_the_teacher_view_and_pairs_of_response_tokens(tokenizer, unigram):
+def test_cross_tokenizer_rows_carry_the_teacher_view_and_pairs_of_response_tokens(tokenizer, sentencepiece):
     rows = [{"prompt": "### Instruction:\nSort 3 1 2\n\n### Response:\n", "output": "1 2 3"}]
-    row = prepare(rows, unigram, teacher_tokenizer=tokenizer, pairings=("mined",))[0]
+    row = prepare(rows, sentencepiece, teacher_tokenizer=tokenizer, pairings=("mined",))[0]
     assert row["teacher_input_ids"] == tokenizer(rows[0]["prompt"] + rows[0]["output"])["input_ids"] + [2]
-    teacher_text, student_text = token_bytes(tokenizer), token_bytes(unigram)
+    teacher_text, student_text = token_bytes(tokenizer), token_bytes(sentencepiece)
     assert row["aligned_pairs"] and row["mined_pairs"]
     for teacher_index, student_index in row["aligned_pairs"]:
         assert row["teacher_labels"][teacher_index] != IGNORE_INDEX and row["labels"][student_index] != IGNORE_INDEX
@@ -172,29 +174,47 @@ def test_cross_tokenizer_rows_carry_the_teacher_view_and_pairs_of_response_token
     assert row["aligned_pairs"][-1] == [len(row["teacher_input_ids"]) - 1, len(row["input_ids"]) - 1]  # EOS ↔ EOS
 
 
-def test_a_cut_response_has_no_eos_pair(tokenizer, unigram):
+def test_a_cut_response_has_no_eos_pair(tokenizer, sentencepiece):
     rows = [{"prompt": "a\n", "output": "b c " * 100}]
-    row = prepare(rows, unigram, teacher_tokenizer=tokenizer, max_length=40)[0]
+    row = prepare(rows, sentencepiece, teacher_tokenizer=tokenizer, max_length=40)[0]
     assert len(row["input_ids"]) == 40 and len(row["teacher_input_ids"]) == 40
     last_pair = row["aligned_pairs"][-1]
-    assert row["input_ids"][last_pair[1]] != unigram.eos_token_id
+    assert row["input_ids"][last_pair[1]] != sentencepiece.eos_token_id
 
 
-def test_a_row_the_teacher_cannot_use_is_reported_as_the_teachers(tokenizer, unigram):
+def test_a_row_the_teacher_cannot_use_is_reported_as_the_teachers(tokenizer, sentencepiece):
     rows = [{"prompt": " backwards" * 20 + "\n", "output": "y"}]  # fewer student than teacher tokens
-    assert len(unigram(rows[0]["prompt"])["input_ids"]) < 150 < len(tokenizer(rows[0]["prompt"])["input_ids"])
+    assert len(sentencepiece(rows[0]["prompt"])["input_ids"]) < 150 < len(tokenizer(rows[0]["prompt"])["input_ids"])
     with pytest.raises(DataError, match="row 0: the prompt has \\d+ teacher tokens"):
-        prepare(rows, unigram, teacher_tokenizer=tokenizer, max_prompt_length=150, max_length=300)
+        prepare(rows, sentencepiece, teacher_tokenizer=tokenizer, max_prompt_length=150, max_length=300)
 
 
-def test_collator_pads_the_teacher_view_and_the_pairs(tokenizer, unigram):
+def test_collator_pads_the_teacher_view_and_the_pairs(tokenizer, sentencepiece):
     rows = prepare(
-        [{"prompt": "a\n", "output": "b"}, {"prompt": "sort 3 2 1\n", "output": "1 2 3"}], unigram,
+        [{"prompt": "a\n", "output": "b"}, {"prompt": "sort 3 2 1\n", "output": "1 2 3"}], sentencepiece,
         teacher_tokenizer=tokenizer,
     )
-    batch = DistillCollator(unigram.pad_token_id, teacher_pad_token_id=tokenizer.pad_token_id)([rows[0], rows[1]])
+    batch = DistillCollator(sentencepiece.pad_token_id, teacher_pad_token_id=tokenizer.pad_token_id)([rows[0], rows[1]])
     assert batch["teacher_input_ids"].shape[1] == max(len(r["teacher_input_ids"]) for r in rows)
     pairs = batch["aligned_pairs"]
     assert pairs.shape == (2, max(len(r["aligned_pairs"]) for r in rows), 2)
     short = len(rows[0]["aligned_pairs"])
     assert pairs[0, :short].tolist() == rows[0]["aligned_pairs"] and (pairs[0, short:] == -1).all()
+
+
+def test_rows_rendered_differently_by_each_chat_template_align_on_the_response(tokenizer, sentencepiece):
+    teacher = copy.deepcopy(tokenizer)
+    teacher.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    response = "Write these letters backwards"
+    rows = [{"messages": [{"role": "user", "content": "Sort 3 1 2"}, {"role": "assistant", "content": response}]}]
+    row = prepare(rows, sentencepiece, ExampleFormat(messages_column="messages"), teacher_tokenizer=teacher)[0]
+    teacher_text, student_text = token_bytes(teacher), token_bytes(sentencepiece)
+    text_pairs = row["aligned_pairs"][:-1]
+    assert text_pairs and row["aligned_pairs"][-1] == [len(row["teacher_input_ids"]) - 1, len(row["input_ids"]) - 1]
+    covered = b"".join(student_text[row["input_ids"][i]] for _, i in text_pairs)
+    assert set(covered) <= set(response.encode())  # only response bytes: nothing reaching into either prompt
+    for j, i in text_pairs:
+        assert teacher_text[row["teacher_input_ids"][j]] == student_text[row["input_ids"][i]]

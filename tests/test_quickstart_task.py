@@ -199,3 +199,10 @@ def test_a_word_is_the_same_token_at_the_start_and_after_a_space(tokenizer):
     """Copying a word from the prompt into the response is then exact token copying."""
     first, space, second = tokenizer("door door")["input_ids"]
     assert first == second and tokenizer.decode([space]) == " "
+
+
+@pytest.mark.parametrize("family", ["byte_bpe", "sentencepiece"])
+def test_tokenizer_training_is_deterministic(family):
+    texts = [e["prompt"] + e["response"] for e in make_examples(200, seed=3)]
+    first, second = (train_tokenizer(texts, vocab_size=300, family=family) for _ in range(2))
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()

@@ -1,6 +1,6 @@
 """Small tokenizers trained on the quickstart task texts: a byte-level BPE (GPT-2 style, the default) and a
-SentencePiece-style unigram (Llama style: `▁` marks spaces, a prefix space on the first word), so the
-cross-tokenizer mode has two real families whose tokens and offsets differ."""
+SentencePiece-style BPE (Llama style: `▁` marks spaces, a prefix space on the first word, NFKC), so the
+cross-tokenizer mode has two real families whose tokens and offsets differ. Both trainers are deterministic."""
 
 from __future__ import annotations
 
@@ -43,13 +43,11 @@ def train_tokenizer(
             show_progress=False,
         )
     elif family == "sentencepiece":
-        backend = Tokenizer(models.Unigram())
+        backend = Tokenizer(models.BPE(unk_token=PAD_TOKEN))
         backend.normalizer = normalizers.NFKC()
         backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
         backend.decoder = decoders.Metaspace(prepend_scheme="first")
-        trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size, special_tokens=specials, unk_token=PAD_TOKEN, show_progress=False
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     else:
         raise ValueError(f"tokenizer family {family!r} is unknown: choose one of {', '.join(FAMILIES)}.")
     backend.train_from_iterator(texts, trainer=trainer)
