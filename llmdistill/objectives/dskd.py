@@ -155,11 +155,13 @@ def student_space_terms(
     the student fused into the same pass over its logits.
 
     `projected` [K, d]: teacher-derived rows for the student positions `student_index` [K] (all N in order when
-    None), read by the student head without gradient into it; `targets` [K]: their labels, -1 = leave out.
+    None), read by the student head without gradient into it; `targets` [K]: their labels (with `student_index`,
+    -1 = leave the pair out).
     """
     n = student_hidden.shape[0]
-    has_target = targets >= 0
-    projected, targets = projected[has_target], targets[has_target]
+    if student_index is not None:  # pairs across vocabularies: a teacher top-1 may have no student token
+        has_target = targets >= 0
+        projected, targets, student_index = projected[has_target], targets[has_target], student_index[has_target]
     fixed_head = student_head.detached()
     projected_ce = distill_loss_from_hidden(
         projected, fixed_head, labels=targets, ce_weight=kd_weight, chunk_size=chunk_size
@@ -168,10 +170,9 @@ def student_space_terms(
     agreeing = agreement.sum()
     per_agreeing = n / agreeing.clamp_min(1)  # L_kd_ts is a mean over the agreeing positions
     rows, weights = projected.detach(), agreement
-    if student_index is not None or not bool(has_target.all()):
-        index = torch.arange(n, device=student_hidden.device) if student_index is None else student_index
-        rows = projected.new_zeros(n, projected.shape[1]).index_copy_(0, index[has_target], rows)
-        weights = agreement.new_zeros(n).index_copy_(0, index[has_target], agreement)
+    if student_index is not None:
+        rows = projected.new_zeros(n, projected.shape[1]).index_copy_(0, student_index, rows)
+        weights = agreement.new_zeros(n).index_copy_(0, student_index, agreement)
     student_space = distill_loss_from_hidden(
         student_hidden, student_head, rows, fixed_head, labels,
         ce_weight=ce_weight, kd_weight=kd_weight * per_agreeing, kd_position_weights=weights,
