@@ -22,11 +22,6 @@ SENTENCEPIECE_SPACE = "\u2581"
 BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-def same_tokens(teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase) -> bool:
-    """True when both tokenizers map every token string to the same id (added tokens included)."""
-    return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
-
-
 def shared_vocab_size(tokenizer: PreTrainedTokenizerBase, teacher_rows: int, student_rows: int) -> int:
     """How many leading head rows two models with the same tokenizer both score: `min(teacher_rows, student_rows)`.
 
