@@ -4,13 +4,14 @@ Every pair among five tokenizer families (GPT-2, GPT-NeoX-20B, Llama-2, Mistral-
 answers, Dolly and Self-Instruct (instruction, input and response joined by newlines). Per pair: the aligned
 fraction (aligned pairs / student tokens covering text) and student tokens per second of
 
-  ours         `align_batch`: both sides' byte spans from ids and offsets, and the join, all texts in one pass
+  ours         `align_batch`: both sides' byte spans from ids and offsets, and the join, all texts in one pass,
+               from the tokenizer's batched output (padded arrays, `return_tensors="np"`)
   per text     `token_byte_spans` for both sides, then `align_spans`; one text at a time
   join only    `align_spans` once over spans computed beforehand, each text shifted into a byte range of its own
   reference    the string walk of METHODS §3.1 (`reference_walk`); one call per text
 
-All four start from the same pre-tokenised input (ids, character offsets, token strings): tokenisation is timed for
-none of them. Time is the best of --repeats passes over all texts. Prints one JSON line per pair and writes
+All four start from pre-tokenised input as the tokenizer gives it (ids and character offsets; token strings for the
+walk): tokenisation is timed for none of them. Time is the best of --repeats passes over all texts. Prints one JSON line per pair and writes
 benchmarks/results/alignment.md.
 
     python benchmarks/alignment.py                               # 100 texts per dataset, all 10 pairs
@@ -90,6 +91,13 @@ class Encoded:
         self.spans = token_byte_spans(text, self.offsets, self.ids, tokenizer)
 
 
+def batch_encoding(texts: list[str], tokenizer):
+    """What a batched pipeline gets from the tokenizer: padded arrays of ids, offsets and the attention mask."""
+    return tokenizer(
+        texts, add_special_tokens=False, return_offsets_mapping=True, return_tensors="np", padding=True
+    )
+
+
 def reference_walk(teacher_strings: list[str], student_strings: list[str]) -> list[tuple[int, int]]:
     """The reference: two pointers over the token strings, normalised by replacing only Ġ and ▁ with a space.
 
@@ -134,11 +142,10 @@ def shifted_batch(texts: list[str], sides: list[Encoded]) -> np.ndarray:
 def compare(texts: list[str], teacher: list[Encoded], student: list[Encoded], tokenizers, repeats: int) -> dict:
     teacher_tokenizer, student_tokenizer = tokenizers
     student_tokens = sum(text_token_count(side, student_tokenizer) for side in student)
-    teacher_ids, teacher_offsets = [t.ids for t in teacher], [t.offsets for t in teacher]
-    student_ids, student_offsets = [s.ids for s in student], [s.offsets for s in student]
+    teacher_batch, student_batch = (batch_encoding(texts, tokenizer) for tokenizer in tokenizers)
 
     def ours():
-        return align_batch(texts, teacher_ids, teacher_offsets, student_ids, student_offsets, *tokenizers)
+        return align_batch(texts, teacher_batch, student_batch, *tokenizers)
 
     def per_text():
         return [
@@ -202,11 +209,11 @@ def write_results(rows: list[dict], args) -> None:
         f"{rows[0]['texts']} texts: the first {args.texts_per_dataset} GSM8K test answers, Dolly (minillm-kd-eval "
         "valid) and Self-Instruct user-oriented tasks, instruction, input and response joined by newlines; no special "
         "tokens. Aligned = pairs / student tokens covering text. Tokens per second count student tokens; every method "
-        "starts from the same pre-tokenised input (Python lists of ids and character offsets, or of token strings for "
-        f"the walk), tokenisation untimed; best of {args.repeats} passes.",
+        "starts from pre-tokenised input as the tokenizer gives it (ids and character offsets: padded arrays for ours, "
+        f"Python lists per text; token strings for the walk), tokenisation untimed; best of {args.repeats} passes.",
         "",
         "* ours: `llmdistill.align.align_batch`: byte spans of both sides from ids and offsets, and the join, for all",
-        "  texts in one pass (as a batched data pipeline would run it).",
+        "  texts in one pass, from the tokenizer's batched output (`return_tensors=\"np\", padding=True`).",
         "* per text: `token_byte_spans` for both sides, then `align_spans`, one text at a time.",
         "* join only: one `align_spans` over spans computed beforehand (each text shifted into a byte range of its own).",
         "* reference: the string walk METHODS §3.1 replaces, reimplemented (`reference_walk`): two pointers over the",

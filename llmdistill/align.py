@@ -15,7 +15,7 @@ import itertools
 import json
 import unicodedata
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -152,26 +152,27 @@ def token_byte_spans(
 
 def align_batch(
     texts: Sequence[str],
-    teacher_ids: Sequence[Sequence[int]],
-    teacher_offsets: Sequence[Sequence[tuple[int, int]]],
-    student_ids: Sequence[Sequence[int]],
-    student_offsets: Sequence[Sequence[tuple[int, int]]],
+    teacher_encoding,
+    student_encoding,
     teacher_tokenizer: PreTrainedTokenizerBase,
     student_tokenizer: PreTrainedTokenizerBase,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """`align_spans(token_byte_spans(...), token_byte_spans(...))` of many texts, in one pass over all of them.
 
-    Each text's spans are moved into a byte range of its own, so one join aligns every text; the pairs come back
-    per text as (teacher index, student index) arrays.
+    Each encoding is what the tokenizer returned for `texts` with `return_offsets_mapping=True`: lists per text, or
+    padded arrays (`return_tensors="np", padding=True`, with their attention mask). Each text's spans are moved
+    into a byte range of its own, so one join aligns every text; the pairs come back per text as (teacher index,
+    student index) arrays.
     """
     if not texts:
         return []
     text_bytes = np.array([len(text.encode()) for text in texts], dtype=np.int64)
     text_starts = np.concatenate([[0], np.cumsum(text_bytes + 1)[:-1]])
-    teacher_spans, teacher_first = _flat_byte_spans(texts, teacher_offsets, teacher_ids, teacher_tokenizer,
-                                                    text_bytes, text_starts)
-    student_spans, student_first = _flat_byte_spans(texts, student_offsets, student_ids, student_tokenizer,
-                                                    text_bytes, text_starts)
+    sides = [
+        _flat_byte_spans(texts, _FlatTokens.of(encoding), tokenizer, text_bytes, text_starts)
+        for encoding, tokenizer in ((teacher_encoding, teacher_tokenizer), (student_encoding, student_tokenizer))
+    ]
+    (teacher_spans, teacher_first), (student_spans, student_first) = sides
     teacher_index, student_index = align_spans(teacher_spans, student_spans)
     text_of_pair = np.searchsorted(teacher_first, teacher_index, side="right") - 1
     teacher_index = teacher_index - teacher_first[text_of_pair]
@@ -180,7 +181,25 @@ def align_batch(
     return [(teacher_index[a:b], student_index[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _flat_byte_spans(texts, offsets, ids, tokenizer, text_bytes: np.ndarray, text_starts: np.ndarray):
+class _FlatTokens(NamedTuple):
+    """One side of a batch: every text's ids end to end, how many each text has, and a text's own offsets."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+    offsets_of: Callable[[int], Sequence[tuple[int, int]]]
+
+    @classmethod
+    def of(cls, encoding) -> _FlatTokens:
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        if isinstance(ids, np.ndarray):
+            mask = np.asarray(encoding["attention_mask"], dtype=bool)
+            return cls(ids[mask].astype(np.int64), mask.sum(1), lambda k: offsets[k][mask[k]])
+        counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(counts.sum()))
+        return cls(flat, counts, lambda k: offsets[k])
+
+
+def _flat_byte_spans(texts, tokens: _FlatTokens, tokenizer, text_bytes: np.ndarray, text_starts: np.ndarray):
     """All texts' token spans in one [Σ n_k, 2] array, text k's shifted by text_starts[k]; and each text's first row.
 
     Where the tokenizer keeps a text as it is (no normaliser, or only a Unicode normal form the text already has)
@@ -189,8 +208,7 @@ def _flat_byte_spans(texts, offsets, ids, tokenizer, text_bytes: np.ndarray, tex
     Any other text goes through `token_byte_spans` and its offsets.
     """
     table = _vocab_table(tokenizer)
-    counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat_ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(counts.sum()))
+    flat_ids, counts = tokens.ids, tokens.counts
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     lengths = np.maximum(table.lengths[flat_ids], 0)
     through = np.cumsum(lengths)
@@ -203,7 +221,8 @@ def _flat_byte_spans(texts, offsets, ids, tokenizer, text_bytes: np.ndarray, tex
     spans[spans[:, 1] <= spans[:, 0]] = NO_SPAN  # special tokens, and a dummy-prefix space standing alone
     tiles = (totals == text_bytes) | prefix
     for k in np.flatnonzero(~tiles | ~np.array([_keeps_text(text, table) for text in texts])).tolist():
-        own = token_byte_spans(texts[k], offsets[k], ids[k], tokenizer)
+        text_ids = flat_ids[first[k] : first[k] + counts[k]]
+        own = token_byte_spans(texts[k], tokens.offsets_of(k), text_ids, tokenizer)
         spans[first[k] : first[k] + counts[k]] = np.where(own >= 0, own + text_starts[k], NO_SPAN)
     return spans, first
 

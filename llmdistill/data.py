@@ -211,8 +211,8 @@ def eta_pairs(teachers: list[_Side], students: list[_Side], teacher_tokenizer, s
     same = [k for k, (teacher, student) in enumerate(zip(teachers, students)) if teacher.prompt == student.prompt]
     together = align_batch(
         [students[k].prompt + students[k].response for k in same],
-        [teachers[k].example.text_ids for k in same], [teachers[k].example.offsets for k in same],
-        [students[k].example.text_ids for k in same], [students[k].example.offsets for k in same],
+        *({"input_ids": [side[k].example.text_ids for k in same], "offset_mapping": [side[k].example.offsets for k in same]}
+          for side in (teachers, students)),
         teacher_tokenizer, student_tokenizer,
     )
     aligned = dict(zip(same, together))

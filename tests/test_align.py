@@ -138,16 +138,19 @@ def test_aligning_a_batch_at_once_equals_aligning_each_text(real_tokenizers, tex
     encoded = [
         side(batch, add_special_tokens=False, return_offsets_mapping=True) for side in (teacher, student)
     ]
-    together = align_batch(
-        batch, encoded[0]["input_ids"], encoded[0]["offset_mapping"], encoded[1]["input_ids"],
-        encoded[1]["offset_mapping"], teacher, student,
-    )
+    as_lists = align_batch(batch, *encoded, teacher, student)
+    padded = [
+        side(batch, add_special_tokens=False, return_offsets_mapping=True, return_tensors="np", padding=True)
+        for side in (teacher, student)
+    ]
+    as_arrays = align_batch(batch, *padded, teacher, student)
     for k, text in enumerate(batch):
         alone = align_spans(*(
             token_byte_spans(text, side["offset_mapping"][k], side["input_ids"][k], tokenizer)
             for side, tokenizer in zip(encoded, (teacher, student))
         ))
-        assert [a.tolist() for a in together[k]] == [a.tolist() for a in alone], text
+        expected = [a.tolist() for a in alone]
+        assert [a.tolist() for a in as_lists[k]] == expected == [a.tolist() for a in as_arrays[k]], text
 
 
 def student_fraction_after(text: str, start: int, teacher, student, byte_tables) -> float:
