@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from llmdistill.quickstart.run import run_quickstart
 
 
@@ -32,3 +34,16 @@ def test_quickstart_objective_dskd_trains_a_dskd_student_beside_sft(tmp_path):
     assert (tmp_path / "student-dskd" / "projectors.safetensors").is_file()
     history = json.loads((tmp_path / "student-dskd" / "log_history.json").read_text())
     assert any("t2s_accuracy" in entry for entry in history)
+
+
+def test_quickstart_cross_tokenizer_trains_students_on_their_own_tokenizer(tmp_path):
+    from llmdistill.cli import main
+
+    main(["quickstart", "--smoke", "--cross-tokenizer", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "cross_tokenizer" / "results.json").read_text())
+    assert set(results["models"]) == {"teacher", "student-sft", "student-dskd_eta"}
+    assert 0 < results["models"]["student-dskd_eta"]["aligned_fraction"] < 1
+    student_vocab = json.loads((tmp_path / "cross_tokenizer" / "student-dskd_eta" / "tokenizer.json").read_text())
+    assert student_vocab["pre_tokenizer"]["type"] == "Metaspace"  # not the teacher's byte-level BPE
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--smoke", "--cross-tokenizer", "--objective", "vanilla", "--output-dir", str(tmp_path)])
