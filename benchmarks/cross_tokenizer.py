@@ -10,8 +10,10 @@ draws the students' shared initialisation and data order. Writes benchmarks/resu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
 from student_comparison import METRICS, command, parse_args, run_seeds, table, write
 
 OBJECTIVES = ("sft", "uld", "mined", "simple_ctkd", "cma", "dskd_eta")
@@ -31,6 +33,8 @@ def main() -> None:
         "student response tokens that have one is the 'aligned' column): KL over the shared vocabulary, both sides",
         "renormalised; agreement = the teacher's top-1 mapped to the student token with the same text. Exact match",
         "and ROUGE-L on greedy generations. Every student: same initialisation per seed, same steps, same data order.",
+        f"Torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
+        "time ratios are taken within each run.",
         "",
         *table(runs, OBJECTIVES, baseline="sft", metrics=CROSS_METRICS),
     ]
