@@ -140,13 +140,14 @@ def _bridge(key: tuple[str, str], teacher_tokenizer, student_tokenizer) -> Vocab
 def _build_bridge(teacher_tokenizer, student_tokenizer) -> VocabBridge:
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     relation = _relation(teacher_vocab, student_vocab)
-    teacher_bytes, student_bytes = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
-    if relation != DIFFERENT:
-        shared = min(len(teacher_bytes), len(student_bytes))
-        mapping = torch.full((len(teacher_bytes),), -1, dtype=torch.long)
+    if relation != DIFFERENT:  # the same id means the same token on both sides
+        teacher_size, student_size = max(teacher_vocab.values()) + 1, max(student_vocab.values()) + 1
+        shared = min(teacher_size, student_size)
+        mapping = torch.full((teacher_size,), -1, dtype=torch.long)
         mapping[:shared] = torch.arange(shared)
         ids = torch.arange(shared)
         return VocabBridge(relation, mapping, ids, ids)
+    teacher_bytes, student_bytes = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
     student_ids = _canonical_ids(student_bytes, student_tokenizer)
     teacher_ids = _canonical_ids(teacher_bytes, teacher_tokenizer)
     mapping = torch.tensor([student_ids.get(text, -1) if text is not None else -1 for text in teacher_bytes])
