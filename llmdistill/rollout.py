@@ -1,0 +1,201 @@
+"""On-policy generation (METHODS §4, §4.2): the student and the teacher decode together, each with its own KV cache
+(one prefill, then one incremental step per token), and an intervention rule decides per token who writes it.
+
+Rules: `student` (plain on-policy), `teacher` (SeqKD), `switch` (SWITCH, §4.1: the teacher writes token t when
+JSD(p_t, q_t) exceeds a threshold that falls with t), `skd` (a student token outside the teacher's top-K is replaced by
+a teacher sample) and `mixture` (every token from (1 − α)·q + α·p). Each step draws one student and one teacher sample
+from the same generator whatever the rule, so rules that agree on who writes give the same tokens for the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+RULES = ("student", "teacher", "switch", "skd", "mixture")
+SCHEDULES = ("exp", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings shared by both models; temperature 0 is greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be ≥ 1.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be ≥ 0 (0 = greedy).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1].")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be ≥ 0 (0 = no top-k filter).")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Who writes each token. SWITCH's threshold at step t: τ0·exp(−λt) (exp), τ0·max(0, 1 − λt) (linear) or τ0."""
+
+    rule: str = "student"
+    switch_tau0: float = 0.3
+    switch_decay: float = 0.1
+    switch_schedule: str = "exp"
+    skd_top_k: int = 25
+    mixture_alpha: float = 0.2
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"rule={self.rule!r} is unknown: choose one of {', '.join(RULES)}.")
+        if self.switch_schedule not in SCHEDULES:
+            raise ValueError(f"switch_schedule={self.switch_schedule!r} is unknown: choose {', '.join(SCHEDULES)}.")
+        if self.switch_tau0 < 0 or self.switch_decay < 0:
+            raise ValueError("switch_tau0 and switch_decay must be ≥ 0.")
+        if self.skd_top_k < 1:
+            raise ValueError(f"skd_top_k={self.skd_top_k} must be ≥ 1.")
+        if not 0 <= self.mixture_alpha <= 1:
+            raise ValueError(f"mixture_alpha={self.mixture_alpha} must lie in [0, 1].")
+
+    def threshold(self, step: int) -> float:
+        if self.switch_schedule == "exp":
+            return self.switch_tau0 * math.exp(-self.switch_decay * step)
+        if self.switch_schedule == "linear":
+            return self.switch_tau0 * max(0.0, 1.0 - self.switch_decay * step)
+        return self.switch_tau0
+
+
+class Rollout(NamedTuple):
+    sequences: torch.Tensor  # [B, P + T] the left-padded prompts, then the generated tokens (pad after EOS)
+    attention_mask: torch.Tensor  # [B, P + T] 1 on prompt and response tokens (EOS included)
+    response_mask: torch.Tensor  # [B, T] 1 on generated tokens up to and including EOS
+    teacher_written: torch.Tensor  # [B, T] whether the teacher wrote the token
+    divergence: torch.Tensor  # [B, T] JSD(p_t, q_t) of the raw next-token distributions (natural log)
+    teacher_hidden: torch.Tensor  # [B, T, D] the teacher's final hidden states that predict each generated token
+
+
+@torch.no_grad()
+def rollout(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    intervention: Intervention,
+    sampling: Sampling,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Generate responses to left-padded prompts [B, P] with both models in lock step (same tokenizer)."""
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded (every row's last position a real token): set padding_side='left'.")
+    students, teachers = _Decoder(student, input_ids, attention_mask), _Decoder(teacher, input_ids, attention_mask)
+    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    steps = []
+    for step in range(sampling.max_new_tokens):
+        student_logits, teacher_logits = students.logits, teachers.logits
+        divergence = jensen_shannon(teacher_logits, student_logits)
+        token, teacher_writes = _choose(student_logits, teacher_logits, divergence, step, intervention, sampling,
+                                        generator)
+        token = torch.where(finished, pad_token_id, token)
+        steps.append((token, teacher_writes & ~finished, divergence, teachers.hidden, ~finished))
+        finished = finished | (token == eos_token_id)
+        if bool(finished.all()):
+            break
+        students.advance(token)
+        teachers.advance(token)
+    tokens, written, divergences, hidden, alive = (torch.stack(column, dim=1) for column in zip(*steps))
+    response_mask = alive.long()
+    return Rollout(
+        torch.cat([input_ids, tokens], dim=1), torch.cat([attention_mask, response_mask], dim=1), response_mask,
+        written, divergences * alive, hidden,
+    )
+
+
+def jensen_shannon(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """[B] symmetric JSD(p, q) = ½ KL(p‖m) + ½ KL(q‖m), m = ½(p + q), natural log: in [0, ln 2]."""
+    log_p, log_q = torch.log_softmax(teacher_logits.float(), -1), torch.log_softmax(student_logits.float(), -1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+    kl = lambda log_a: (log_a.exp() * (log_a - log_m)).nan_to_num().sum(-1)  # noqa: E731 (0·log 0 = 0)
+    return (0.5 * kl(log_p) + 0.5 * kl(log_q)).clamp(0.0, math.log(2))
+
+
+def _choose(student_logits, teacher_logits, divergence, step, intervention, sampling, generator):
+    """(token [B], teacher wrote it [B]) for one step under the intervention rule."""
+    student_token = sample(student_logits, sampling, generator)
+    teacher_token = sample(teacher_logits, sampling, generator)
+    rule = intervention.rule
+    if rule == "mixture":
+        alpha = intervention.mixture_alpha
+        probs = (1 - alpha) * _warped_probs(student_logits, sampling) + alpha * _warped_probs(teacher_logits, sampling)
+        return _draw(probs, sampling, generator), torch.zeros_like(student_token, dtype=torch.bool)
+    if rule == "student":
+        teacher_writes = torch.zeros_like(student_token, dtype=torch.bool)
+    elif rule == "teacher":
+        teacher_writes = torch.ones_like(student_token, dtype=torch.bool)
+    elif rule == "switch":
+        teacher_writes = divergence > intervention.threshold(step)
+    else:  # skd
+        top = teacher_logits.topk(min(intervention.skd_top_k, teacher_logits.shape[-1]), dim=-1).indices
+        teacher_writes = ~(top == student_token[:, None]).any(-1)
+    return torch.where(teacher_writes, teacher_token, student_token), teacher_writes
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B] next tokens from [B, V] logits: greedy at temperature 0, else temperature, top-k and top-p sampling."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    return _draw(_warped_probs(logits, sampling), sampling, generator)
+
+
+def _warped_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    if sampling.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / sampling.temperature, -1)
+
+
+def _draw(probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample after keeping the top-k tokens and the smallest set whose mass reaches top-p."""
+    if sampling.top_k:
+        kth = probs.topk(min(sampling.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+        keep_sorted = before < sampling.top_p * sorted_probs.sum(-1, keepdim=True)
+        probs = probs * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    # multinomial always consumes the generator, so each draw advances it the same way whatever the rule
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _Decoder:
+    """One model decoding with its own KV cache: the prefill on construction, then `advance` one token at a time."""
+
+    def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.model, self.attention_mask = model, attention_mask
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        self.next_position = positions[:, -1:] + 1
+        self._read(model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+            past_key_values=DynamicCache(config=model.config), use_cache=True, output_hidden_states=True,
+            logits_to_keep=1,
+        ))
+
+    def advance(self, token: torch.Tensor) -> None:
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=1)
+        self._read(self.model(
+            input_ids=token[:, None], attention_mask=self.attention_mask, position_ids=self.next_position,
+            past_key_values=self.cache, use_cache=True, output_hidden_states=True,
+        ))
+        self.next_position = self.next_position + 1
+
+    def _read(self, outputs) -> None:
+        self.cache = outputs.past_key_values
+        self.logits = outputs.logits[:, -1].float()
+        self.hidden = outputs.hidden_states[-1][:, -1]

@@ -1,0 +1,132 @@
+"""The dual-model rollout: KV-cached decoding equals recomputation, and the intervention rules do what METHODS §4.1
+says (the sanity properties of SWITCH, the top-K rule of SKD, the masks after EOS)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmdistill.rollout import Intervention, Sampling, jensen_shannon, rollout
+
+from conftest import tiny_gpt2, tiny_llama
+
+VOCAB, EOS, PAD = 40, 2, 0
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_llama(VOCAB, seed=1).eval(), tiny_gpt2(VOCAB, seed=2).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Three left-padded prompts of different lengths."""
+    ids = torch.tensor([[PAD, PAD, 5, 6, 7], [PAD, 8, 9, 10, 11], [12, 13, 14, 15, 16]])
+    return ids, (ids != PAD).long()
+
+
+def run(models, prompts, rule="student", seed=0, max_new_tokens=12, temperature=1.0, eos=EOS, **options):
+    student, teacher = models
+    generator = torch.Generator().manual_seed(seed)
+    return rollout(
+        student, teacher, *prompts, Intervention(rule=rule, **options),
+        Sampling(max_new_tokens=max_new_tokens, temperature=temperature), eos, PAD, generator,
+    )
+
+
+def greedy_by_recomputation(model, ids, mask, steps):
+    """Greedy decoding that runs the model over the whole prefix at every step (no cache)."""
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("rule, which", [("student", 0), ("teacher", 1)])
+def test_greedy_rollout_with_caches_equals_recomputing_the_prefix(models, prompts, rule, which):
+    produced = run(models, prompts, rule=rule, temperature=0.0, eos=-1)
+    expected = greedy_by_recomputation(models[which], *prompts, steps=12)
+    assert torch.equal(produced.sequences, expected)
+
+
+def test_switch_with_a_threshold_jsd_never_exceeds_is_student_sampling(models, prompts):
+    student = run(models, prompts, rule="student", seed=3)
+    switch = run(models, prompts, rule="switch", seed=3, switch_tau0=math.log(2), switch_schedule="constant")
+    assert torch.equal(switch.sequences, student.sequences)
+    assert not switch.teacher_written.any()
+
+
+def test_switch_with_threshold_zero_hands_every_disagreeing_position_to_the_teacher(models, prompts):
+    switch = run(models, prompts, rule="switch", seed=4, switch_tau0=0.0)
+    written = switch.teacher_written[switch.response_mask.bool()]
+    disagrees = switch.divergence[switch.response_mask.bool()] > 0
+    assert torch.equal(written, disagrees) and written.all()
+    assert torch.equal(switch.sequences, run(models, prompts, rule="teacher", seed=4).sequences)
+
+
+def test_teacher_written_fraction_grows_as_the_threshold_falls(models, prompts):
+    fractions = []
+    for tau0 in (0.7, 0.02, 0.01, 0.005, 0.0):
+        result = run(models, prompts, rule="switch", seed=5, switch_tau0=tau0, max_new_tokens=16, eos=-1)
+        fractions.append(result.teacher_written.float().mean().item())
+    assert fractions == sorted(fractions) and fractions[0] < fractions[-1] == 1.0
+
+
+def test_skd_replaces_exactly_the_student_tokens_outside_the_teachers_top_k(models, prompts):
+    """At the first step both rules see the same prefix and the same draws: SKD keeps the student's token iff it is
+    among the teacher's top-K."""
+    student_model, teacher_model = models
+    skd = run(models, prompts, rule="skd", seed=6, skd_top_k=5)
+    plain = run(models, prompts, rule="student", seed=6)
+    prompt_length = prompts[0].shape[1]
+    positions = (prompts[1].cumsum(-1) - 1).clamp_min(0)
+    teacher_logits = teacher_model(*prompts[:1], attention_mask=prompts[1], position_ids=positions).logits[:, -1]
+    first_student = plain.sequences[:, prompt_length]
+    in_top_k = (teacher_logits.topk(5, dim=-1).indices == first_student[:, None]).any(-1)
+    assert torch.equal(skd.teacher_written[:, 0], ~in_top_k)
+    assert torch.equal(skd.sequences[in_top_k, prompt_length], first_student[in_top_k])
+
+
+def test_rows_stop_at_eos_and_their_masks_end_there(models, prompts):
+    produced = run(models, prompts, rule="student", seed=7, max_new_tokens=40, eos=3)
+    response = produced.sequences[:, prompts[0].shape[1]:]
+    for row in range(len(response)):
+        ends = (response[row] == 3).nonzero()
+        length = int(ends[0]) + 1 if len(ends) else response.shape[1]
+        assert produced.response_mask[row].tolist() == [1] * length + [0] * (response.shape[1] - length)
+        assert (response[row, length:] == PAD).all()
+        assert not produced.teacher_written[row, length:].any()
+    assert torch.equal(produced.attention_mask[:, prompts[0].shape[1]:], produced.response_mask)
+
+
+def test_teacher_hidden_states_are_those_that_predict_each_token(models, prompts):
+    """The stored states give the teacher's logits for every generated token: no second teacher pass is needed."""
+    student_model, teacher_model = models
+    produced = run(models, prompts, rule="switch", seed=8, max_new_tokens=6, eos=-1)
+    ids, mask = produced.sequences, produced.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    full = teacher_model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    prompt_length = prompts[0].shape[1]
+    expected = full.hidden_states[-1][:, prompt_length - 1 : -1]
+    torch.testing.assert_close(produced.teacher_hidden, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_jensen_shannon_is_symmetric_bounded_and_zero_on_equal_inputs():
+    a, b = torch.randn(4, 30), torch.randn(4, 30)
+    torch.testing.assert_close(jensen_shannon(a, b), jensen_shannon(b, a))
+    assert (jensen_shannon(a, a).abs() < 1e-6).all()
+    far = torch.full((1, 2), -1e4)
+    assert jensen_shannon(far.index_fill(1, torch.tensor([0]), 1e4), far.index_fill(1, torch.tensor([1]), 1e4)).item() == (
+        pytest.approx(math.log(2), abs=1e-6)
+    )
+
+
+def test_bad_settings_name_the_field():
+    with pytest.raises(ValueError, match="rule='swich'"):
+        Intervention(rule="swich")
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0.0)
