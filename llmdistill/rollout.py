@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 RULES = ("student", "teacher", "switch", "skd", "mixture")
 SCHEDULES = ("exp", "linear", "constant")
+POSITION_BUCKETS = ((0, 16), (16, 64), (64, None))  # response positions [start, end): 0–15, 16–63, 64+
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,27 @@ def rollout(
         torch.cat([input_ids, tokens], dim=1), torch.cat([attention_mask, response_mask], dim=1), response_mask,
         written, divergences * alive, hidden,
     )
+
+
+def rollout_statistics(produced: Rollout) -> dict[str, float]:
+    """What to log about a rollout: the teacher-written fraction overall and per position bucket, and the mean JSD
+    per bucket, over generated tokens only (buckets with no token are left out)."""
+    mask = produced.response_mask.bool()
+    stats = {"teacher_written_fraction": _mean(produced.teacher_written, mask)}
+    for start, end in POSITION_BUCKETS:
+        in_bucket = mask.clone()
+        in_bucket[:, :start] = False
+        if end is not None:
+            in_bucket[:, end:] = False
+        if in_bucket.any():
+            name = f"{start}-{end - 1}" if end is not None else f"{start}+"
+            stats[f"teacher_written_fraction_{name}"] = _mean(produced.teacher_written, in_bucket)
+            stats[f"jsd_{name}"] = _mean(produced.divergence, in_bucket)
+    return stats
+
+
+def _mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return values[mask].float().mean().item() if mask.any() else 0.0
 
 
 def jensen_shannon(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from llmdistill.rollout import Intervention, Sampling, jensen_shannon, rollout
+from llmdistill.rollout import Intervention, Rollout, Sampling, jensen_shannon, rollout, rollout_statistics
 
 from conftest import tiny_gpt2, tiny_llama
 
@@ -130,3 +130,19 @@ def test_bad_settings_name_the_field():
         Intervention(rule="swich")
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0.0)
+
+
+def test_statistics_count_generated_tokens_per_position_bucket():
+    written = torch.zeros(2, 70, dtype=torch.bool)
+    written[0, :16] = True  # row 0: the teacher wrote its first 16 tokens
+    written[1, 64:] = True  # row 1: the teacher wrote from position 64 on
+    response_mask = torch.ones(2, 70, dtype=torch.long)
+    response_mask[1, 68:] = 0  # row 1 ended at 68: positions 68, 69 are padding
+    divergence = torch.linspace(0, 0.69, 70).expand(2, 70).clone()
+    produced = Rollout(torch.zeros(2, 75), torch.ones(2, 75), response_mask, written, divergence, torch.zeros(2, 70, 4))
+    stats = rollout_statistics(produced)
+    assert stats["teacher_written_fraction"] == pytest.approx((16 + 4) / (70 + 68))
+    assert stats["teacher_written_fraction_0-15"] == 0.5
+    assert stats["teacher_written_fraction_16-63"] == 0.0
+    assert stats["teacher_written_fraction_64+"] == pytest.approx(4 / 10)
+    assert stats["jsd_0-15"] == pytest.approx(divergence[0, :16].mean().item())
