@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from .divergences import divergence_per_position
+
 RULES = ("student", "teacher", "switch", "skd", "mixture")
 SCHEDULES = ("exp", "linear", "constant")
 POSITION_BUCKETS = ((0, 16), (16, 64), (64, None))  # response positions [start, end): 0–15, 16–63, 64+
@@ -141,11 +143,8 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def jensen_shannon(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """[B] symmetric JSD(p, q) = ½ KL(p‖m) + ½ KL(q‖m), m = ½(p + q), natural log: in [0, ln 2]."""
-    log_p, log_q = torch.log_softmax(teacher_logits.float(), -1), torch.log_softmax(student_logits.float(), -1)
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2)
-    kl = lambda log_a: (log_a.exp() * (log_a - log_m)).nan_to_num().sum(-1)  # noqa: E731 (0·log 0 = 0)
-    return (0.5 * kl(log_p) + 0.5 * kl(log_q)).clamp(0.0, math.log(2))
+    """[B] symmetric JSD(p, q) of the raw next-token distributions: the `jsd` divergence at β = ½, in [0, ln 2]."""
+    return divergence_per_position(teacher_logits, student_logits, "jsd", beta=0.5).clamp(0.0, math.log(2))
 
 
 def _choose(student_logits, teacher_logits, divergence, step, intervention, sampling, generator):
