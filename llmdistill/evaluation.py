@@ -12,8 +12,7 @@ from .data import IGNORE_INDEX, DistillCollator
 from .losses import distill_loss_from_hidden, top1_from_hidden
 from .models import LMHead, supervised_hidden_states
 from .objectives.cross_batch import Positions, token_pairs_to_positions
-from .objectives.cross_common import head_rows, teacher_to_student_ids
-from .objectives.dskd import shared_vocabulary
+from .objectives.cross_common import head_rows, shared_vocabulary, teacher_to_student_ids
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Pieces every cross-tokenizer objective uses: restricted heads, the gold CE, the logged alignment metrics."""
+"""Pieces the cross-tokenizer objectives share: the shared vocabulary and id map on the heads, restricted heads, the
+gold CE, the logged alignment metrics."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def gold_cross_entropy(student: Positions, weight, chunk_size: int | None) -> Lo
     return distill_loss_from_hidden(
         student.hidden, student.head, labels=student.targets, ce_weight=weight, chunk_size=chunk_size
     )
+
+
+def shared_vocabulary(bridge, student_head: LMHead, teacher_head: LMHead) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bridge's shared vocabulary C, restricted to ids both heads have rows for, on the heads' device."""
+    teacher_ids, student_ids = bridge.shared_teacher_ids, bridge.shared_student_ids
+    has_rows = (teacher_ids < teacher_head.weight.shape[0]) & (student_ids < student_head.weight.shape[0])
+    device = student_head.weight.device
+    return teacher_ids[has_rows].to(device), student_ids[has_rows].to(device)
 
 
 def teacher_to_student_ids(bridge, teacher_rows: int, student_rows: int, device) -> torch.Tensor:

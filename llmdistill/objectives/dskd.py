@@ -9,6 +9,7 @@ from torch import nn
 
 from ..losses import distill_loss_from_hidden, top1_from_hidden
 from ..models import LMHead
+from .cross_common import shared_vocabulary
 from .output import ObjectiveOutput
 
 SPACES = ("both", "student", "teacher")
@@ -187,14 +188,6 @@ def dual_space_output(loss, ce_sum, terms: dict, metrics: dict, n: int) -> Objec
     kd_sum = sum(terms.values())
     per_token = {name: value / n for name, value in terms.items()}
     return ObjectiveOutput(loss, ce_sum, kd_sum, per_token | metrics)
-
-
-def shared_vocabulary(bridge, student_head: LMHead, teacher_head: LMHead) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bridge's shared vocabulary C, restricted to ids both heads have rows for, on the heads' device."""
-    teacher_ids, student_ids = bridge.shared_teacher_ids, bridge.shared_student_ids
-    has_rows = (teacher_ids < teacher_head.weight.shape[0]) & (student_ids < student_head.weight.shape[0])
-    device = student_head.weight.device
-    return teacher_ids[has_rows].to(device), student_ids[has_rows].to(device)
 
 
 def _first_rows(head: LMHead, rows: int) -> LMHead:

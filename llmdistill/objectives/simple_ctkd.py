@@ -6,8 +6,7 @@ from __future__ import annotations
 from ..losses import distill_loss_from_hidden
 from ..models import LMHead
 from .cross_batch import CrossTokenizerBatch
-from .cross_common import alignment_metrics, gold_cross_entropy, head_rows
-from .dskd import shared_vocabulary
+from .cross_common import alignment_metrics, gold_cross_entropy, head_rows, shared_vocabulary
 from .output import ObjectiveOutput
 
 
