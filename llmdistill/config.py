@@ -10,7 +10,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .divergences import DIVERGENCES, validate_divergence
-from .objectives import OBJECTIVES
+from .objectives import CROSS_TOKENIZER, OBJECTIVES
+from .rollout import SCHEDULES, Intervention, Sampling
+from .sources import LOCK_STEP, RULE, SOURCES
 
 CONFIG_FILENAME = "distill_config.yaml"
 
@@ -108,6 +110,40 @@ class DistillConfig(TrainingArguments):
         },
     )
 
+    # Where the KD sequences come from (METHODS §4)
+    source: str = field(
+        default="gt",
+        metadata={
+            "help": f"KD sequences: {', '.join(SOURCES)}. gt = the dataset; the others generate responses to the "
+            "batch's prompts during training (CE stays on the dataset's responses)."
+        },
+    )
+    mixed_lambda: float = field(
+        default=0.5, metadata={"help": "source=mixed (GKD): probability that a batch's responses are the student's."}
+    )
+    replay_buffer_size: int = field(
+        default=1000, metadata={"help": "source=adaptive (DistiLLM): generated examples kept for replay."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest generated response (also capped by max_length)."})
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of on-policy generation (0 = greedy)."}
+    )
+    generation_top_p: float = field(default=1.0, metadata={"help": "Nucleus (top-p) filter of on-policy generation."})
+    generation_top_k: int = field(default=0, metadata={"help": "Top-k filter of on-policy generation (0 = none)."})
+    switch_tau0: float = field(
+        default=0.3, metadata={"help": "source=switch: initial JSD threshold τ0 (≥ ln 2: the teacher never writes)."}
+    )
+    switch_decay: float = field(default=0.1, metadata={"help": "source=switch: threshold decay λ per generated token."})
+    switch_schedule: str = field(
+        default="exp", metadata={"help": f"source=switch: threshold schedule, {' | '.join(SCHEDULES)}."}
+    )
+    skd_top_k: int = field(
+        default=25, metadata={"help": "source=skd: student tokens outside the teacher's top-K are replaced."}
+    )
+    mixture_alpha: float = field(
+        default=0.2, metadata={"help": "source=mixture: tokens sampled from (1 - α)·student + α·teacher."}
+    )
+
     # Trainer defaults that suit distillation
     output_dir: str | None = field(
         default="runs/llmdistill", metadata={"help": "Where checkpoints and the student go."}
@@ -139,11 +175,42 @@ class DistillConfig(TrainingArguments):
             raise ValueError(
                 f"model_dtype={self.model_dtype!r} is unknown: choose float32, bfloat16, float16 or auto."
             )
+        self._check_source()
         if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
             raise ValueError(
                 f"max_length={self.max_length} must exceed max_prompt_length={self.max_prompt_length} (≥ 1) "
                 "so that every example keeps at least one response token."
             )
+
+    def _check_source(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source={self.source!r} is unknown: choose one of {', '.join(SOURCES)}.")
+        if self.source != "gt" and not self.uses_teacher:
+            raise ValueError(
+                f"source={self.source!r} trains KD on generated responses, which needs a teacher: choose an "
+                "objective other than 'sft' and alpha_kd > 0, or source='gt'."
+            )
+        if self.source in LOCK_STEP and self.objective in CROSS_TOKENIZER:
+            raise ValueError(
+                f"source={self.source!r} lets the teacher write single tokens of the student's response, which needs "
+                f"one vocabulary; cross-tokenizer objective {self.objective!r} works with source gt, teacher, "
+                "student, mixed or adaptive."
+            )
+        if not 0.0 <= self.mixed_lambda <= 1.0:
+            raise ValueError(f"mixed_lambda={self.mixed_lambda} must lie in [0, 1].")
+        if self.replay_buffer_size < 1:
+            raise ValueError(f"replay_buffer_size={self.replay_buffer_size} must be ≥ 1.")
+        self.intervention(), self.sampling()  # raise on bad generation settings now, not mid-training
+
+    def intervention(self) -> Intervention:
+        """Who writes each generated token under this source."""
+        return Intervention(
+            RULE.get(self.source, "student"), self.switch_tau0, self.switch_decay, self.switch_schedule,
+            self.skd_top_k, self.mixture_alpha,
+        )
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_new_tokens, self.generation_temperature, self.generation_top_p, self.generation_top_k)
 
     @property
     def uses_teacher(self) -> bool:

@@ -80,13 +80,14 @@ class Rollout(NamedTuple):
     response_mask: torch.Tensor  # [B, T] 1 on generated tokens up to and including EOS
     teacher_written: torch.Tensor  # [B, T] whether the teacher wrote the token
     divergence: torch.Tensor  # [B, T] JSD(p_t, q_t) of the raw next-token distributions (natural log)
-    teacher_hidden: torch.Tensor  # [B, T, D] the teacher's final hidden states that predict each generated token
+    teacher_hidden: torch.Tensor | None  # [B, T, D] the teacher's final hidden states that predict each generated
+    # token (kept as the loss target instead of a second teacher pass); None when the student generated alone
 
 
 @torch.no_grad()
 def rollout(
     student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     intervention: Intervention,
@@ -95,29 +96,41 @@ def rollout(
     pad_token_id: int,
     generator: torch.Generator | None = None,
 ) -> Rollout:
-    """Generate responses to left-padded prompts [B, P] with both models in lock step (same tokenizer)."""
+    """Generate responses to left-padded prompts [B, P] with both models in lock step (same tokenizer).
+
+    With `teacher=None` the student generates alone (rule `student` only): its tokens are the same as with a teacher
+    for the same seed, and the rollout has no teacher hidden states and zero divergence.
+    """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded (every row's last position a real token): set padding_side='left'.")
-    students, teachers = _Decoder(student, input_ids, attention_mask), _Decoder(teacher, input_ids, attention_mask)
+    if teacher is None and intervention.rule != "student":
+        raise ValueError(f"rule {intervention.rule!r} needs the teacher's next-token distribution: pass the teacher.")
+    students = _Decoder(student, input_ids, attention_mask)
+    teachers = _Decoder(teacher, input_ids, attention_mask) if teacher is not None else None
     finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    steps = []
+    steps, teacher_hidden = [], []
     for step in range(sampling.max_new_tokens):
-        student_logits, teacher_logits = students.logits, teachers.logits
+        student_logits = students.logits
+        # without a teacher its logits are the student's: same draws from the generator, zero divergence
+        teacher_logits = teachers.logits if teachers is not None else student_logits
         divergence = jensen_shannon(teacher_logits, student_logits)
         token, teacher_writes = _choose(student_logits, teacher_logits, divergence, step, intervention, sampling,
                                         generator)
         token = torch.where(finished, pad_token_id, token)
-        steps.append((token, teacher_writes & ~finished, divergence, teachers.hidden, ~finished))
+        steps.append((token, teacher_writes & ~finished, divergence, ~finished))
+        if teachers is not None:
+            teacher_hidden.append(teachers.hidden)
         finished = finished | (token == eos_token_id)
         if bool(finished.all()):
             break
-        students.advance(token)
-        teachers.advance(token)
-    tokens, written, divergences, hidden, alive = (torch.stack(column, dim=1) for column in zip(*steps))
+        for decoder in (students, teachers):
+            if decoder is not None:
+                decoder.advance(token)
+    tokens, written, divergences, alive = (torch.stack(column, dim=1) for column in zip(*steps))
     response_mask = alive.long()
     return Rollout(
         torch.cat([input_ids, tokens], dim=1), torch.cat([attention_mask, response_mask], dim=1), response_mask,
-        written, divergences * alive, hidden,
+        written, divergences * alive, torch.stack(teacher_hidden, dim=1) if teacher_hidden else None,
     )
 
 

@@ -17,6 +17,7 @@ from .losses import distill_loss_from_hidden
 from .models import LMHead, freeze, load_model, load_tokenizer, supervised_hidden_states
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
 from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
+from .sources import Generation, Produced, SequenceSource, produce
 from .vocab import VocabBridge, shared_vocab_size
 
 PROJECTORS_FILENAME = "projectors.safetensors"
@@ -98,8 +99,30 @@ class DistillTrainer(Trainer):
             self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
             if self.projectors is not None:
                 self.add_callback(_ZeroProjectorGradients(self.projectors))
+        self._set_up_source(tokenizer, teacher_tokenizer)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
+
+    def _set_up_source(self, tokenizer, teacher_tokenizer) -> None:
+        """The source of the KD sequences; on-policy ones get a sampling generator seeded per rank."""
+        args = self.args
+        self.sequence_source = self.generation = self.rollout_generator = None
+        if args.source == "gt":
+            return
+        if args.source == "adaptive" and (self.eval_dataset is None or args.eval_strategy == "no"):
+            raise ValueError(
+                "source='adaptive' raises its share of student generations when the validation loss rises: give "
+                "evaluation data (eval_dataset / eval_dataset_name_or_path) and set eval_strategy='steps' (eval_steps)."
+            )
+        self.sequence_source = SequenceSource(args.source, args.mixed_lambda, args.replay_buffer_size, args.seed)
+        cross = self.objective.cross_tokenizer
+        pairings = ("mined",) if args.objective in NEEDS_MINED_PAIRS else ()
+        self.generation = Generation(args, tokenizer, teacher_tokenizer, cross_tokenizer=cross, pairings=pairings)
+        self.rollout_generator = torch.Generator(device=args.device).manual_seed(
+            args.seed + self.accelerator.process_index
+        )
+        if args.source == "adaptive":
+            self.add_callback(_AdaptiveSchedule(self.sequence_source))
 
     @staticmethod
     def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str,
@@ -126,53 +149,93 @@ class DistillTrainer(Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        targets = inputs["labels"][:, 1:]
-        supervised = targets != IGNORE_INDEX
-        local_tokens = int(supervised.sum())
-        if local_tokens == 0:
-            raise ValueError(
-                "a batch has no supervised (response) token: every label is -100. Each example needs at least one "
-                "response token; check the labels of pre-tokenised data."
-            )
-        student_hidden = supervised_hidden_states(model, input_ids, attention_mask, supervised)
-        student_head = LMHead.of(self.accelerator.unwrap_model(model))
-        denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
-        output = self._objective_output(
-            student_hidden, student_head, inputs, supervised, targets[supervised], denominator
-        )
+        gold_tokens = _supervised_count(inputs["labels"])
+        denominator = num_items_in_batch if num_items_in_batch is not None else gold_tokens
+        draw = self._draw() if model.training else "gt"
+        if self.sequence_source is not None and model.training:
+            self._record_values({"generated_batches_fraction": float(draw != "gt")})
+            if self.sequence_source.name == "adaptive":
+                self._record_values({"student_generation_probability": self.sequence_source.student_probability})
+        alpha = self.args.alpha_kd
+        if draw == "gt":
+            output = self._objective_output(model, inputs, (1 - alpha) / denominator, alpha / denominator)
+            ce_tokens = kd_tokens = gold_tokens
+        else:
+            output, ce_tokens, kd_tokens = self._on_generated(model, inputs, draw, denominator)
         loss = output.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"the loss is not finite (ce sum {output.ce.item()}, kd sum {float(output.kd)}): lower the learning "
+                f"the loss is not finite (ce sum {float(output.ce)}, kd sum {float(output.kd)}): lower the learning "
                 "rate or load the models in float32 (model_dtype)."
             )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; undo it
-        self._record(output, local_tokens)
+        self._record(output, ce_tokens, kd_tokens)
         return (loss, None) if return_outputs else loss
 
-    def _objective_output(self, student_hidden, student_head, inputs, supervised, labels, denominator):
-        """CE (and KD against the teacher) over the supervised positions, each sum weighted and divided by the step's
-        token count."""
-        if self.teacher is None:
+    def _objective_output(self, model, inputs, ce_weight, kd_weight, teacher_hidden=None) -> ObjectiveOutput:
+        """ce_weight · Σ CE + kd_weight · Σ KD against the teacher over the batch's supervised positions.
+        `teacher_hidden` ([N, D] at those positions, e.g. from the rollout) replaces the teacher pass."""
+        input_ids, targets = inputs["input_ids"], inputs["labels"][:, 1:]
+        supervised = targets != IGNORE_INDEX
+        student_hidden = supervised_hidden_states(model, input_ids, inputs["attention_mask"], supervised)
+        student_head = LMHead.of(self.accelerator.unwrap_model(model))
+        labels = targets[supervised]
+        if self.teacher is None or kd_weight == 0:
             sums = distill_loss_from_hidden(
-                student_hidden,
-                student_head,
-                labels=labels,
-                ce_weight=1 / denominator,
-                chunk_size=self.args.loss_chunk_size,
+                student_hidden, student_head, labels=labels, ce_weight=ce_weight, chunk_size=self.args.loss_chunk_size
             )
             return ObjectiveOutput(sums.loss, sums.ce, sums.kd, {})
-        alpha = self.args.alpha_kd
-        weights = {"ce_weight": (1 - alpha) / denominator, "kd_weight": alpha / denominator}
+        weights = {"ce_weight": ce_weight, "kd_weight": kd_weight}
         if self.objective.cross_tokenizer:
             return self.objective(self._cross_tokenizer_batch(student_hidden, student_head, inputs), **weights)
-        with torch.no_grad():
-            teacher_hidden = supervised_hidden_states(
-                self.teacher, inputs["input_ids"], inputs["attention_mask"], supervised
-            )
+        if teacher_hidden is None:
+            with torch.no_grad():
+                teacher_hidden = supervised_hidden_states(self.teacher, input_ids, inputs["attention_mask"], supervised)
         return self.objective(student_hidden, student_head, teacher_hidden, LMHead.of(self.teacher), labels, **weights)
+
+    def _draw(self) -> str:
+        if self.sequence_source is None:
+            return "gt"
+        return self.sequence_source.draw(self.state.global_step, self.state.max_steps)
+
+    def _on_generated(self, model, inputs, draw: str, gold_denominator) -> tuple[ObjectiveOutput, int, int]:
+        """CE on the gold batch, KD on generated (or replayed) responses to its prompts (METHODS §4).
+
+        The generated token count of a whole optimizer step is unknown until every micro-batch has generated, so KD
+        is averaged per micro-batch and the micro-batches (and ranks) weigh equally.
+        """
+        alpha, source = self.args.alpha_kd, self.sequence_source
+        if draw == "replay":
+            rows, teacher_hidden = source.replay(len(inputs["input_ids"])), None
+        else:
+            produced = self._produce(model, inputs)
+            rows, teacher_hidden = produced.rows, produced.teacher_hidden
+            source.remember(rows)
+            self._record_values({**produced.statistics, "generated_rows_fraction": len(rows) / len(inputs["input_ids"])})
+        gold_tokens = _supervised_count(inputs["labels"])
+        if not rows:  # nothing generated can be trained on (e.g. every cross-tokenizer response was empty)
+            weights = ((1 - alpha) / gold_denominator, alpha / gold_denominator)
+            return self._objective_output(model, inputs, *weights), gold_tokens, gold_tokens
+        generated = self._prepare_inputs(self.data_collator(rows))
+        kd_tokens = _supervised_count(generated["labels"])
+        micro_batches = self.args.gradient_accumulation_steps * (
+            self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        )
+        kd = self._objective_output(model, generated, 0.0, alpha / (kd_tokens * micro_batches), teacher_hidden)
+        if alpha == 1:  # no CE term: skip the gold forward pass
+            return ObjectiveOutput(kd.loss, kd.ce, kd.kd, kd.metrics), 0, kd_tokens
+        ce = self._objective_output(model, inputs, (1 - alpha) / gold_denominator, 0.0)
+        return ObjectiveOutput(ce.loss + kd.loss, ce.ce, kd.kd, kd.metrics), gold_tokens, kd_tokens
+
+    def _produce(self, model, inputs) -> Produced:
+        student = self.accelerator.unwrap_model(model)
+        was_training = student.training
+        student.eval()
+        try:
+            return produce(student, self.teacher, inputs, self.generation, self.rollout_generator)
+        finally:
+            student.train(was_training)
 
     def _cross_tokenizer_batch(self, student_hidden, student_head, inputs) -> CrossTokenizerBatch:
         """Both models' supervised positions (the teacher reads its own tokenisation) and the pairs between them."""
@@ -194,16 +257,21 @@ class DistillTrainer(Trainer):
             pairs.get("mined_pairs"),
         )
 
-    def _record(self, output: ObjectiveOutput, tokens: int) -> None:
-        """Keeps per-token terms as tensors; `log` reads them, so a step waits on no device-to-host copy here."""
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["ce"].append(output.ce.detach() / tokens)
+    def _record(self, output: ObjectiveOutput, ce_tokens: int, kd_tokens: int) -> None:
+        """Keeps per-token terms as tensors; `log` reads them, so a step waits on no device-to-host copy here.
+        CE is per gold token (not logged when no CE was computed), KD per token of the sequences it ran on."""
+        if ce_tokens:
+            self._record_values({"ce": output.ce.detach() / ce_tokens})
         if self.teacher is not None:
-            metrics["kd"].append(torch.as_tensor(output.kd).detach() / tokens)
-        for name, value in output.metrics.items():
-            metrics[name].append(torch.as_tensor(value).detach())
+            self._record_values({"kd": torch.as_tensor(output.kd).detach() / kd_tokens})
+        self._record_values(output.metrics)
         if self.model.training:
-            self._tokens_since_log += tokens
+            self._tokens_since_log += max(ce_tokens, kd_tokens)
+
+    def _record_values(self, values: dict) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, value in values.items():
+            metrics[name].append(torch.as_tensor(value).detach())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -257,6 +325,17 @@ class DistillTrainer(Trainer):
             self.projectors.load_state_dict(load_file(path, device=str(self.args.device)))
 
 
+class _AdaptiveSchedule(TrainerCallback):
+    """DistiLLM: each evaluation's loss updates the probability of training on student generations."""
+
+    def __init__(self, source: SequenceSource):
+        self.source = source
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.source.observe_eval_loss(metrics["eval_loss"])
+
+
 class _ZeroProjectorGradients(TrainerCallback):
     """After each optimizer step the Trainer zeroes the model's gradients; the projectors are not in the model."""
 
@@ -269,6 +348,17 @@ class _ZeroProjectorGradients(TrainerCallback):
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
+
+
+def _supervised_count(labels: torch.Tensor) -> int:
+    """Supervised (response) tokens of a batch; a batch without any is an error, never a silent zero loss."""
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if count == 0:
+        raise ValueError(
+            "a batch has no supervised (response) token: every label is -100. Each example needs at least one "
+            "response token; check the labels of pre-tokenised data."
+        )
+    return count
 
 
 def _first_given(*candidates, name: str):

@@ -1,0 +1,194 @@
+"""Where the training sequences come from (METHODS §4): the dataset, or responses generated during training.
+
+`SequenceSource.draw` decides per micro-batch whether KD runs on the gold batch (`"gt"`), on fresh generations
+(`"generate"`) or on earlier generations from the replay buffer (`"replay"`); `SequenceSource.produce` generates.
+Generated responses continue the batch's own prompts (the tokens before the first label) and come back as rows in
+the training data's layout (`input_ids`, `labels` on the response, and for cross-tokenizer objectives the teacher's
+tokenisation and the token pairs), so the trainer's collator and objectives take them unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import NamedTuple
+
+import datasets
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .data import IGNORE_INDEX, ExampleFormat, prepare_dataset
+from .rollout import Intervention, Sampling, rollout, rollout_statistics
+
+SOURCES = ("gt", "teacher", "student", "mixed", "adaptive", "switch", "skd", "mixture")
+RULE = {
+    "teacher": "teacher", "student": "student", "mixed": "student", "adaptive": "student",
+    "switch": "switch", "skd": "skd", "mixture": "mixture",
+}
+LOCK_STEP = {"switch", "skd", "mixture"}  # both models decide every token together, so they must share tokens
+ADAPTIVE_LOSS_RISE, ADAPTIVE_STEP = 0.1, 0.1  # DistiLLM: p_SGO += 0.1 when validation loss rose by ≥ 0.1
+_TEXT_FORMAT = ExampleFormat(prompt_column="prompt", response_column="response")
+
+
+class Produced(NamedTuple):
+    """Generated rows (lists, ready for the collator) and what to log about them."""
+
+    rows: list[dict]
+    teacher_hidden: torch.Tensor | None  # [N, D] at the rows' supervised positions, in order; None: run the teacher
+    statistics: dict[str, float]
+
+
+class ReplayBuffer:
+    """The last `capacity` generated rows (DistiLLM's replay buffer); the oldest go first."""
+
+    def __init__(self, capacity: int):
+        self.rows: deque[dict] = deque(maxlen=capacity)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == self.rows.maxlen
+
+    def push(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+
+    def sample(self, count: int, generator: torch.Generator) -> list[dict]:
+        picks = torch.randperm(len(self.rows), generator=generator)[:count]
+        return [self.rows[int(index)] for index in picks]
+
+
+class SequenceSource:
+    """One of `SOURCES` with its schedule state (GKD's λ; DistiLLM's p_SGO and replay buffer)."""
+
+    def __init__(self, name: str, mixed_lambda: float = 0.5, buffer_size: int = 1000, seed: int = 0):
+        if name not in SOURCES:
+            raise ValueError(f"source={name!r} is unknown: choose one of {', '.join(SOURCES)}.")
+        self.name, self.mixed_lambda = name, mixed_lambda
+        self.generator = torch.Generator().manual_seed(seed)
+        self.student_probability = 0.0  # DistiLLM's p_SGO
+        self.buffer = ReplayBuffer(buffer_size) if name == "adaptive" else None
+        self._last_eval_loss: float | None = None
+
+    @property
+    def generates(self) -> bool:
+        return self.name != "gt"
+
+    def draw(self, step: int, total_steps: int) -> str:
+        """"gt", "generate" or "replay" for the next micro-batch."""
+        if self.name == "gt":
+            return "gt"
+        if self.name == "mixed":
+            return "generate" if self._uniform() < self.mixed_lambda else "gt"
+        if self.name == "adaptive":
+            r, p = self._uniform(), self.student_probability
+            if r < p * (1 - step / max(total_steps, 1)) or not self.buffer.full:
+                return "generate"
+            return "replay" if r < p else "gt"
+        return "generate"
+
+    def observe_eval_loss(self, loss: float) -> None:
+        """DistiLLM's adaptive schedule: more student generations whenever the validation loss rises by ≥ 0.1."""
+        if self._last_eval_loss is not None and loss - self._last_eval_loss >= ADAPTIVE_LOSS_RISE:
+            self.student_probability = min(1.0, self.student_probability + ADAPTIVE_STEP)
+        self._last_eval_loss = loss
+
+    def replay(self, count: int) -> list[dict]:
+        return self.buffer.sample(count, self.generator)
+
+    def remember(self, rows: list[dict]) -> None:
+        if self.buffer is not None:
+            self.buffer.push(rows)
+
+    def _uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+
+def left_padded_prompts(input_ids: torch.Tensor, labels: torch.Tensor, pad_token_id: int):
+    """The prompts of a right-padded batch (the tokens before each row's first label), left-padded: (ids, mask)."""
+    lengths = (labels != IGNORE_INDEX).int().argmax(-1)
+    if bool((lengths == 0).any()):
+        raise ValueError("a row has no prompt token before its first label: on-policy sources continue the prompt.")
+    width = int(lengths.max())
+    columns = torch.arange(width, device=input_ids.device)
+    shift = (width - lengths)[:, None]
+    source = (columns - shift).clamp_min(0)
+    mask = (columns >= shift).long()
+    ids = torch.where(mask.bool(), input_ids.gather(1, source), torch.full_like(source, pad_token_id))
+    return ids, mask
+
+
+def rollout_rows(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> list[dict]:
+    """Left-padded rollout sequences as training rows: prompt + response without padding, labels on the response."""
+    rows = []
+    for ids, mask in zip(sequences.tolist(), attention_mask.tolist()):
+        prompt = [token for token, keep in zip(ids[:prompt_width], mask[:prompt_width]) if keep]
+        response = [token for token, keep in zip(ids[prompt_width:], mask[prompt_width:]) if keep]
+        rows.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response})
+    return rows
+
+
+class Generation:
+    """Everything `produce` needs besides the batch: decoding settings, intervention, tokenizers, limits."""
+
+    def __init__(self, config, tokenizer: PreTrainedTokenizerBase, teacher_tokenizer=None, cross_tokenizer=False,
+                 pairings: tuple[str, ...] = ()):
+        self.intervention = config.intervention()
+        self.sampling = config.sampling()
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
+        self.cross_tokenizer, self.pairings = cross_tokenizer, pairings
+        self.max_length, self.max_prompt_length = config.max_length, config.max_prompt_length
+
+
+@torch.no_grad()
+def produce(student: PreTrainedModel, teacher: PreTrainedModel, batch: dict, generation: Generation,
+            generator: torch.Generator | None) -> Produced:
+    """Responses to the batch's prompts under the source's rule, as training rows.
+
+    Same tokenizer: both models decode in lock step and the teacher's hidden states of the rollout are the KD target.
+    Different tokenizers: the writer generates alone, its text is re-tokenised for both models and paired by ETA
+    (the trainer then runs the teacher on its own tokenisation).
+    """
+    started = time.perf_counter()
+    cross = generation.cross_tokenizer
+    writer_is_teacher = cross and generation.intervention.rule == "teacher"
+    side = "teacher_" if writer_is_teacher else ""
+    tokenizer = generation.teacher_tokenizer if writer_is_teacher else generation.tokenizer
+    ids, mask = left_padded_prompts(batch[f"{side}input_ids"], batch[f"{side}labels"], tokenizer.pad_token_id)
+    sampling = Sampling(
+        min(generation.sampling.max_new_tokens, generation.max_length - ids.shape[1]),
+        generation.sampling.temperature, generation.sampling.top_p, generation.sampling.top_k,
+    )
+    writer = teacher if writer_is_teacher else student
+    produced = rollout(
+        writer, None if cross else teacher, ids, mask,
+        Intervention("student") if cross else generation.intervention, sampling,
+        tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+    )
+    statistics = rollout_statistics(produced) if not cross else {}
+    generated = int(produced.response_mask.sum())
+    statistics["rollout_tokens_per_second"] = generated / max(time.perf_counter() - started, 1e-9)
+    if cross:
+        return Produced(_retokenised_rows(produced, ids.shape[1], tokenizer, generation), None, statistics)
+    hidden = produced.teacher_hidden[produced.response_mask.bool()]
+    return Produced(rollout_rows(produced.sequences, produced.attention_mask, ids.shape[1]), hidden, statistics)
+
+
+def _retokenised_rows(produced, prompt_width: int, writer_tokenizer, generation: Generation) -> list[dict]:
+    """The generated texts tokenised for both models with their token pairs, as the data pipeline does it.
+
+    Rows whose response decodes to no text (EOS first) have nothing to align and are left out.
+    """
+    texts = []
+    for row in rollout_rows(produced.sequences, produced.attention_mask, prompt_width):
+        start = row["labels"].count(IGNORE_INDEX)
+        prompt = writer_tokenizer.decode(row["input_ids"][:start], skip_special_tokens=True)
+        response = writer_tokenizer.decode(row["input_ids"][start:], skip_special_tokens=True)
+        if response.strip():
+            texts.append({"prompt": prompt, "response": response})
+    if not texts:
+        return []
+    prepared = prepare_dataset(
+        datasets.Dataset.from_list(texts), generation.tokenizer, _TEXT_FORMAT, generation.max_prompt_length,
+        generation.max_length, drop_overlong_prompts=True, name="generated", teacher_tokenizer=generation.teacher_tokenizer,
+        pairings=generation.pairings,
+    )
+    return prepared.to_list()

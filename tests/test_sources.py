@@ -1,0 +1,161 @@
+"""Sequence sources (METHODS §4): the schedules, the layout of generated rows, and training on them through the
+trainer, checked against a rollout and a full-logit loss computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmdistill import DistillConfig
+from llmdistill.data import IGNORE_INDEX, DistillCollator
+from llmdistill.rollout import Intervention, Sampling, rollout
+from llmdistill.sources import SequenceSource, left_padded_prompts, rollout_rows
+
+from conftest import tiny_gpt2, tiny_llama
+from test_trainer import as_rows, make_trainer
+
+EOS, PAD = 2, 0
+
+
+def test_mixed_draws_student_batches_with_probability_lambda():
+    source = SequenceSource("mixed", mixed_lambda=0.3, seed=0)
+    draws = [source.draw(step, 1000) for step in range(2000)]
+    assert set(draws) == {"generate", "gt"}
+    assert draws.count("generate") / len(draws) == pytest.approx(0.3, abs=0.03)
+    assert {SequenceSource("mixed", mixed_lambda=lam).draw(0, 1) for lam in (0.0,)} == {"gt"}
+
+
+def test_adaptive_generates_until_the_buffer_is_full_then_follows_p_sgo():
+    source = SequenceSource("adaptive", buffer_size=4, seed=0)
+    assert source.draw(0, 100) == "generate"  # buffer not full
+    source.remember([{"input_ids": [1], "labels": [1]}] * 4)
+    assert {source.draw(step, 100) for step in range(50)} == {"gt"}  # p_SGO = 0
+    source.observe_eval_loss(1.0)
+    source.observe_eval_loss(1.05)  # rose by < 0.1: unchanged
+    assert source.student_probability == 0.0
+    for loss in (1.2, 1.4, 1.6):
+        source.observe_eval_loss(loss)
+    assert source.student_probability == pytest.approx(0.3)
+    draws = [source.draw(step, 100) for step in range(3000)]
+    # r < p(1 - step/T) → generate; p(1 - step/T) ≤ r < p → replay; else gt
+    expected_generate = sum(0.3 * max(0.0, 1 - step / 100) for step in range(3000)) / 3000
+    assert draws.count("generate") / 3000 == pytest.approx(expected_generate, abs=0.01)
+    assert draws.count("replay") / 3000 == pytest.approx(0.3 - expected_generate, abs=0.02)
+    assert len(source.replay(3)) == 3
+
+
+def test_left_padded_prompts_are_the_tokens_before_the_first_label():
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 3, 0, 0], [4, 3, 2, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, 6, 3, -100, -100], [-100, -100, -100, -100, 1]])
+    prompts, mask = left_padded_prompts(ids, labels, pad_token_id=0)
+    assert prompts.tolist() == [[0, 5, 6, 7], [0, 0, 0, 5], [4, 3, 2, 1]]
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]]
+
+
+def test_generated_rows_supervise_exactly_the_generated_tokens_and_the_rollout_targets_line_up():
+    """The rollout's response mask (EOS included, padding after it excluded) becomes the rows' labels, and its
+    teacher hidden states are the teacher's hidden states at the collated batch's supervised positions."""
+    student, teacher = tiny_llama(40, seed=1).eval(), tiny_gpt2(40, seed=2).eval()
+    prompts = torch.tensor([[PAD, PAD, 5, 6, 7], [PAD, 8, 9, 10, 11], [12, 13, 14, 15, 16]])
+    mask = (prompts != PAD).long()
+    produced = rollout(student, teacher, prompts, mask, Intervention("switch"), Sampling(10), EOS, PAD,
+                       torch.Generator().manual_seed(4))
+    rows = rollout_rows(produced.sequences, produced.attention_mask, prompts.shape[1])
+    batch = DistillCollator(PAD)(rows)
+    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert int(supervised.sum()) == int(produced.response_mask.sum())
+    for row, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"])):
+        generated = produced.sequences[row, prompts.shape[1]:][produced.response_mask[row].bool()]
+        assert labels[labels != IGNORE_INDEX].tolist() == generated.tolist()
+        assert ids[: int(mask[row].sum())].tolist() == prompts[row][mask[row].bool()].tolist()
+    hidden = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+    expected = hidden.hidden_states[-1][:, :-1][supervised]
+    assert torch.allclose(produced.teacher_hidden[produced.response_mask.bool()], expected, atol=1e-5)
+
+
+def kd_on_rollout_reference(student, teacher, rows, alpha_weighted_kd_tokens):
+    """Σ KL(p‖q) over the rows' supervised positions from full logits, divided as given."""
+    batch = DistillCollator(PAD)(rows)
+    targets = batch["labels"][:, 1:]
+    supervised = targets != IGNORE_INDEX
+    log_q = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][supervised]
+    with torch.no_grad():
+        log_p = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][supervised]
+    log_q, log_p = log_q.log_softmax(-1), log_p.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum() / alpha_weighted_kd_tokens
+
+
+@pytest.mark.parametrize("source", ["student", "switch", "teacher", "skd", "mixture"])
+def test_training_loss_on_generated_sequences_equals_the_full_logit_reference(
+    tmp_path, tokenizer, examples, source
+):
+    """alpha_kd = 0.5: the step's loss is ½·mean CE on the gold batch + ½·mean KL on the responses the rollout
+    (rerun here with the trainer's seed) produced for the batch's prompts."""
+    trainer = make_trainer(tmp_path, tokenizer, examples, source=source, max_new_tokens=12, alpha_kd=0.5)
+    batch = trainer._prepare_inputs(DistillCollator(tokenizer.pad_token_id)([trainer.train_dataset[i] for i in range(4)]))
+    student, teacher = trainer.model, trainer.teacher
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+
+    prompts = left_padded_prompts(batch["input_ids"], batch["labels"], tokenizer.pad_token_id)
+    produced = rollout(
+        student.eval(), teacher, *prompts, trainer.args.intervention(), Sampling(12), tokenizer.eos_token_id,
+        tokenizer.pad_token_id, torch.Generator().manual_seed(trainer.args.seed),
+    )
+    rows = rollout_rows(produced.sequences, produced.attention_mask, prompts[0].shape[1])
+    kd = kd_on_rollout_reference(student, teacher, rows, int(produced.response_mask.sum()))
+    targets = batch["labels"][:, 1:]
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits[targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX])
+    assert loss.item() == pytest.approx((0.5 * ce + 0.5 * kd).item(), rel=1e-5)
+
+
+def test_on_policy_training_runs_and_logs_the_rollout(tmp_path, tokenizer, examples):
+    trainer = make_trainer(tmp_path, tokenizer, examples, source="switch", max_new_tokens=8, max_steps=2,
+                           learning_rate=1e-3, optim="adamw_torch")
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for key in ("teacher_written_fraction", "teacher_written_fraction_0-15", "jsd_0-15",
+                "rollout_tokens_per_second", "generated_batches_fraction", "kd", "ce"):
+        assert math.isfinite(logged[key]), key
+    assert logged["generated_batches_fraction"] == 1.0
+    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+
+
+def test_cross_tokenizer_on_policy_retokenises_the_student_text_for_the_teacher(tmp_path, real_tokenizers, examples):
+    """A Llama-tokenizer student generates; the GPT-2-tokenizer teacher reads the text in its own tokens, paired by
+    ETA, and the KD is finite and logged with the aligned fraction."""
+    student_tokenizer, teacher_tokenizer = real_tokenizers["llama2"], real_tokenizers["gpt2"]
+    config = DistillConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+        logging_steps=1, report_to=[], use_cpu=True, seed=3, disable_tqdm=True, objective="simple_ctkd",
+        source="student", max_new_tokens=6, generation_temperature=0.0,
+    )
+    from llmdistill import DistillTrainer
+
+    trainer = DistillTrainer(
+        model=tiny_llama(len(student_tokenizer), seed=1), teacher=tiny_gpt2(len(teacher_tokenizer), seed=2),
+        args=config, train_dataset=as_rows(examples), processing_class=student_tokenizer,
+        teacher_processing_class=teacher_tokenizer,
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert math.isfinite(logged["kd"]) and logged["generated_batches_fraction"] == 1.0
+    assert 0 < logged["generated_rows_fraction"] <= 1
+    assert 0 <= logged["aligned_fraction"] <= 100
+
+
+def test_sources_that_need_one_vocabulary_or_validation_loss_say_so(tmp_path, tokenizer, examples):
+    with pytest.raises(ValueError, match="one vocabulary"):
+        DistillConfig(output_dir=str(tmp_path), objective="uld", source="switch", use_cpu=True)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillConfig(output_dir=str(tmp_path), objective="sft", source="student", use_cpu=True)
+    with pytest.raises(ValueError, match="source='bogus' is unknown"):
+        DistillConfig(output_dir=str(tmp_path), source="bogus", use_cpu=True)
+    with pytest.raises(ValueError, match="switch_schedule"):
+        DistillConfig(output_dir=str(tmp_path), source="switch", switch_schedule="cosine", use_cpu=True)
+    with pytest.raises(ValueError, match="eval_strategy"):
+        make_trainer(tmp_path, tokenizer, examples, source="adaptive")
