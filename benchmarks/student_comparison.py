@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from llmdistill.quickstart.run import run_quickstart, student_name
+from llmdistill.quickstart.run import run_quickstart
 
 METRICS = (  # key, header, format
     ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
@@ -23,23 +23,26 @@ def mean_std(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(spread)}"
 
 
-def table(runs: list[dict], objectives: tuple[str, ...], baseline: str, metrics=METRICS) -> list[str]:
-    """One Markdown row per student: mean ± std of each metric and the time per step relative to `baseline`."""
+def table(runs: list[dict], names: list[str], baseline: str, metrics=METRICS, select=lambda row: row) -> list[str]:
+    """One Markdown row per student: mean ± std of each metric (read from `select(model results)`) and the time
+    per step relative to the student named `baseline`."""
     lines = [
         "| student | " + " | ".join(title for _, title, _ in metrics) + f" | time per step vs {baseline} |",
         "|---" * (len(metrics) + 2) + "|",
     ]
-    for objective in objectives:
-        name = student_name(objective)
-        rows = [run["models"][name] for run in runs]
+    for name in names:
+        rows = [select(run["models"][name]) for run in runs]
         cells = [mean_std([row[key] for row in rows], fmt) for key, _, fmt in metrics]
         ratios = [
-            run["models"][name]["seconds_per_step"] / run["models"][student_name(baseline)]["seconds_per_step"]
-            for run in runs
+            run["models"][name]["seconds_per_step"] / run["models"][baseline]["seconds_per_step"] for run in runs
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std(ratios, '{:.2f}')}× |")
+    return lines
+
+
+def teacher_line(runs: list[dict]) -> str:
     teacher = runs[0]["models"]["teacher"]
-    return lines + ["", f"Teacher: exact match {teacher['exact_match']:.1f}%, ROUGE-L {teacher['rouge_l']:.1f}."]
+    return f"Teacher: exact match {teacher['exact_match']:.1f}%, ROUGE-L {teacher['rouge_l']:.1f}."
 
 
 def parse_args(description: str, results: Path, output_dir: str) -> argparse.Namespace:

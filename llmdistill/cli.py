@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .objectives import CROSS_TOKENIZER, OBJECTIVES
+from .sources import LOCK_STEP, SOURCES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> None:
         "--cross-tokenizer", action="store_true",
         help="students read a SentencePiece-style tokenizer of their own while the teacher keeps its byte-level BPE",
     )
+    quickstart.add_argument(
+        "--source", choices=SOURCES, default="gt",
+        help="where the distilled student's KD sequences come from: the dataset (gt) or generations during training "
+        "(switch: the student writes and the teacher takes over where they disagree; see the README)",
+    )
     align = commands.add_parser("align", help="show how two tokenizers split a text and which tokens ETA aligns")
     align.add_argument("--teacher", required=True, help="teacher model or tokenizer: folder or hub name")
     align.add_argument("--student", required=True, help="student model or tokenizer: folder or hub name")
@@ -46,12 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.cross_tokenizer and objective not in CROSS_TOKENIZER:
         parser.error(f"--objective {objective} needs one vocabulary; with --cross-tokenizer choose one of "
                      f"{', '.join(sorted(CROSS_TOKENIZER))}.")
+    if args.cross_tokenizer and args.source in LOCK_STEP:
+        parser.error(f"--source {args.source} lets the teacher write single tokens, which needs one vocabulary; with "
+                     "--cross-tokenizer choose gt, teacher, student, mixed or adaptive.")
 
     from .quickstart.run import run_quickstart
 
     run_quickstart(
         args.output_dir, seed=args.seed, smoke=args.smoke, objectives=("sft", objective),
-        cross_tokenizer=args.cross_tokenizer,
+        cross_tokenizer=args.cross_tokenizer, sources=(args.source,),
     )
 
 

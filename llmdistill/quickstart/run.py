@@ -54,6 +54,12 @@ SMOKE = QuickstartSettings(
     max_new_tokens=16,
 )
 DATA_FORMAT = ExampleFormat(prompt_column="prompt", response_column="response")
+DEV_SEED_OFFSET = 1000  # the validation rows of source=adaptive come from their own task seed
+ADAPTIVE_EVAL_EVERY = 25
+ROLLOUT_KEYS = (
+    "teacher_written_fraction", "teacher_written_fraction_0-15", "teacher_written_fraction_16-63",
+    "teacher_written_fraction_64+", "generated_batches_fraction", "rollout_tokens_per_second",
+)
 MAX_PROMPT_LENGTH, MAX_LENGTH = 256, 512
 
 
@@ -63,6 +69,8 @@ class TrainingRun:
     steps: int
     learning_rate: float
     batch_size: int
+    source: str = "gt"
+    max_new_tokens: int = 128
 
 
 def run_quickstart(
@@ -72,11 +80,13 @@ def run_quickstart(
     objectives: tuple[str, ...] = ("sft", "vanilla"),
     student_seed: int | None = None,
     cross_tokenizer: bool = False,
+    sources: tuple[str, ...] = ("gt",),
 ) -> dict:
     """Writes the task (data/*.jsonl), the models, results.json, results.md and training_curves.png.
 
     `seed` fixes the task and the teacher (cached across runs); each objective in `objectives` trains one student
-    from the same initialisation, drawn (with its data order) from `student_seed` (default: `seed`). With
+    from the same initialisation, drawn (with its data order) from `student_seed` (default: `seed`); each objective
+    other than SFT trains once per source in `sources` (where its KD sequences come from: gt, switch, ...). With
     `cross_tokenizer` the students read a SentencePiece-style tokenizer of their own while the teacher keeps its
     byte-level BPE, and everything they write goes under `cross_tokenizer/`.
     """
@@ -92,18 +102,22 @@ def run_quickstart(
     student_init = _save_init(students.directory / "student-init", students.tokenizer, settings.student_shape,
                               student_seed + 1)
     histories = {"teacher": json.loads((teacher_dir / "log_history.json").read_text())}
-    for objective in objectives:
-        run = TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size)
-        name = student_name(objective)
+    runs = [
+        TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size, source,
+                    settings.max_new_tokens)
+        for objective in objectives
+        for source in (("gt",) if objective == "sft" else sources)
+    ]
+    for run in runs:
+        name = student_name(run.objective, run.source)
         histories[name] = _train(
             students.directory / name, student_init, teacher_dir, run, students.tokenizer, students.train_set,
-            student_seed, teacher_tokenizer,
+            student_seed, teacher_tokenizer, dev_rows=make_splits(seed + DEV_SEED_OFFSET, 0, settings.n_eval)[1],
         )
-    results = _evaluate(out, students, teacher_tokenizer, eval_rows, settings.max_new_tokens,
-                        [student_name(o) for o in objectives])
-    for objective in objectives:
-        summary = histories[student_name(objective)][-1]
-        results["models"][student_name(objective)]["seconds_per_step"] = summary["train_runtime"] / summary["step"]
+    names = [student_name(run.objective, run.source) for run in runs]
+    results = _evaluate(out, students, teacher_tokenizer, eval_rows, settings.max_new_tokens, names)
+    for name in names:
+        results["models"][name] |= training_summary(histories[name])
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     table = results_table(results)
     (students.directory / "results.json").write_text(json.dumps(results, indent=2))
@@ -132,8 +146,19 @@ class Students:
             self.train_set = _tokenised(train_rows, teacher_tokenizer, "train")
 
 
-def student_name(objective: str) -> str:
-    return {"sft": "student-sft", "vanilla": "student-kd"}.get(objective, f"student-{objective}")
+def student_name(objective: str, source: str = "gt") -> str:
+    name = {"sft": "student-sft", "vanilla": "student-kd"}.get(objective, f"student-{objective}")
+    return name if source == "gt" else f"{name}-{source}"
+
+
+def training_summary(history: list[dict]) -> dict:
+    """Seconds per optimizer step and, for generating sources, the mean logged rollout statistics."""
+    summary = {"seconds_per_step": history[-1]["train_runtime"] / history[-1]["step"]}
+    for key in ROLLOUT_KEYS:
+        values = [entry[key] for entry in history if key in entry]
+        if values:
+            summary[key] = sum(values) / len(values)
+    return summary
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -185,10 +210,12 @@ def _save_init(directory: Path, tokenizer, shape: tuple[int, int, int], seed: in
 
 def _train(
     directory: Path, student_dir: Path, teacher_dir: Path | None, run: TrainingRun, tokenizer, train_set, seed,
-    teacher_tokenizer=None,
+    teacher_tokenizer=None, dev_rows: list[dict] | None = None,
 ):
-    """Trains one model with DistillTrainer and returns its log history (also saved beside it)."""
-    print(f"training {directory.name} ({run.objective}, {run.steps} steps)")
+    """Trains one model with DistillTrainer and returns its log history (also saved beside it). `dev_rows` give
+    source=adaptive its validation loss."""
+    print(f"training {directory.name} ({run.objective}, source {run.source}, {run.steps} steps)")
+    adaptive = run.source == "adaptive"
     config = DistillConfig(
         output_dir=str(directory),
         objective=run.objective,
@@ -207,9 +234,18 @@ def _train(
         report_to=[],
         disable_tqdm=True,
         use_cpu=True,
+        source=run.source,
+        max_new_tokens=run.max_new_tokens,
+        eval_strategy="steps" if adaptive else "no",
+        eval_steps=ADAPTIVE_EVAL_EVERY if adaptive else None,
+        per_device_eval_batch_size=run.batch_size,
     )
+    dev_set = None
+    if adaptive:  # in the training data's form: tokenised, or raw rows the trainer tokenises for both models
+        pretokenised = "input_ids" in train_set.column_names
+        dev_set = _tokenised(dev_rows, tokenizer, "dev") if pretokenised else datasets.Dataset.from_list(dev_rows)
     trainer = DistillTrainer(
-        args=config, train_dataset=train_set, processing_class=tokenizer,
+        args=config, train_dataset=train_set, eval_dataset=dev_set, processing_class=tokenizer,
         teacher_processing_class=teacher_tokenizer or tokenizer,
     )
     trainer.train()
@@ -224,6 +260,7 @@ def _evaluate(
 ) -> dict:
     prompts = [row["prompt"] for row in eval_rows]
     references = [row["response"] for row in eval_rows]
+    tasks = [row["task"] for row in eval_rows]
     teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")
     fidelity = _fidelity(teacher, students, teacher_tokenizer, eval_rows)
     results = {"models": {}}
@@ -231,12 +268,21 @@ def _evaluate(
         model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(students.directory / name)
         tokenizer = teacher_tokenizer if name == "teacher" else students.tokenizer
         predictions = generate_responses(model, tokenizer, prompts, max_new_tokens)
-        row = {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
+        row = _generation_scores(predictions, references)
+        row["by_task"] = {
+            task: _generation_scores(*zip(*[(p, r) for p, r, t in zip(predictions, references, tasks) if t == task]))
+            for task in dict.fromkeys(tasks)
+        }
         if name != "teacher":
             row |= fidelity(model)
         row["parameters"] = model.num_parameters()
         results["models"][name] = row
     return results
+
+
+def _generation_scores(predictions, references) -> dict:
+    predictions, references = list(predictions), list(references)
+    return {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
 
 
 def _fidelity(teacher, students: Students, teacher_tokenizer, eval_rows: list[dict]):
