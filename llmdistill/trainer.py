@@ -156,7 +156,7 @@ class DistillTrainer(Trainer):
             self._record_values({"generated_batches_fraction": float(draw != "gt")})
             if self.sequence_source.name == "adaptive":
                 self._record_values({"student_generation_probability": self.sequence_source.student_probability})
-        alpha = self.args.alpha_kd
+        alpha = self.args.alpha_kd if self.teacher is not None else 0.0  # SFT: CE at full weight
         if draw == "gt":
             output = self._objective_output(model, inputs, (1 - alpha) / denominator, alpha / denominator)
             ce_tokens = kd_tokens = gold_tokens

@@ -67,6 +67,13 @@ def test_loss_equals_full_logit_reference(tmp_path, tokenizer, examples, alpha):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_sft_trains_on_the_full_cross_entropy_whatever_alpha_kd_says(tmp_path, tokenizer, examples):
+    trainer = make_trainer(tmp_path, tokenizer, examples, objective="sft", alpha_kd=0.5)
+    batch = first_batch(trainer, 6)
+    expected = reference_loss(trainer.model, tiny_gpt2(len(tokenizer)), batch, 0.0, len(tokenizer))
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("divergence", ["fkl", "srkl"])
 def test_tiny_loss_chunks_give_the_same_loss_and_gradients(tmp_path, tokenizer, examples, divergence):
     whole = make_trainer(tmp_path / "a", tokenizer, examples, divergence=divergence)
