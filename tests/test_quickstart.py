@@ -47,3 +47,16 @@ def test_quickstart_cross_tokenizer_trains_students_on_their_own_tokenizer(tmp_p
     assert student_vocab["pre_tokenizer"]["type"] == "Metaspace"  # not the teacher's byte-level BPE
     with pytest.raises(SystemExit):
         main(["quickstart", "--smoke", "--cross-tokenizer", "--objective", "vanilla", "--output-dir", str(tmp_path)])
+
+
+def test_quickstart_source_switch_trains_the_kd_student_on_switch_rollouts(tmp_path):
+    from llmdistill.cli import main
+
+    main(["quickstart", "--smoke", "--source", "switch", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["models"]) == {"teacher", "student-sft", "student-kd-switch"}
+    switch = results["models"]["student-kd-switch"]
+    assert switch["generated_batches_fraction"] == 1.0 and 0 <= switch["teacher_written_fraction"] <= 1
+    assert set(switch["by_task"]) == {"arithmetic", "reverse", "sort", "lookup", "count", "repeat", "uppercase"}
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--smoke", "--cross-tokenizer", "--source", "switch", "--output-dir", str(tmp_path)])

@@ -14,15 +14,19 @@ COLUMNS = (  # key, header, number format
     ("rouge_l", "ROUGE-L ↑", "{:.1f}"),
     ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
     ("top1_agreement", "top-1 agreement % ↑", "{:.1f}"),
+    ("teacher_written_fraction", "teacher-written share of generated training tokens", "{:.1%}"),
     ("parameters", "parameters", "{:,}"),
 )
 
 
 def results_table(results: dict) -> str:
-    header = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, row in results["models"].items():
-        cells = ["—" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in COLUMNS]
+    """One row per model; a column no model has a value for is left out."""
+    rows = results["models"]
+    columns = [column for column in COLUMNS if any(row.get(column[0]) is not None for row in rows.values())]
+    header = "| model | " + " | ".join(title for _, title, _ in columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
+    for name, row in rows.items():
+        cells = ["—" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
