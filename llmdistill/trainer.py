@@ -161,7 +161,7 @@ class DistillTrainer(Trainer):
             output = self._objective_output(model, inputs, (1 - alpha) / denominator, alpha / denominator)
             ce_tokens = kd_tokens = gold_tokens
         else:
-            output, ce_tokens, kd_tokens = self._on_generated(model, inputs, draw, denominator)
+            output, ce_tokens, kd_tokens = self._on_generated(model, inputs, draw, gold_tokens, denominator)
         loss = output.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -199,7 +199,8 @@ class DistillTrainer(Trainer):
             return "gt"
         return self.sequence_source.draw(self.state.global_step, self.state.max_steps)
 
-    def _on_generated(self, model, inputs, draw: str, gold_denominator) -> tuple[ObjectiveOutput, int, int]:
+    def _on_generated(self, model, inputs, draw: str, gold_tokens: int, gold_denominator
+                      ) -> tuple[ObjectiveOutput, int, int]:
         """CE on the gold batch, KD on generated (or replayed) responses to its prompts (METHODS §4).
 
         The generated token count of a whole optimizer step is unknown until every micro-batch has generated, so KD
@@ -213,7 +214,6 @@ class DistillTrainer(Trainer):
             rows, teacher_hidden = produced.rows, produced.teacher_hidden
             source.remember(rows)
             self._record_values({**produced.statistics, "generated_rows_fraction": len(rows) / len(inputs["input_ids"])})
-        gold_tokens = _supervised_count(inputs["labels"])
         if not rows:  # nothing generated can be trained on (e.g. every cross-tokenizer response was empty)
             weights = ((1 - alpha) / gold_denominator, alpha / gold_denominator)
             return self._objective_output(model, inputs, *weights), gold_tokens, gold_tokens
@@ -224,7 +224,7 @@ class DistillTrainer(Trainer):
         )
         kd = self._objective_output(model, generated, 0.0, alpha / (kd_tokens * micro_batches), teacher_hidden)
         if alpha == 1:  # no CE term: skip the gold forward pass
-            return ObjectiveOutput(kd.loss, kd.ce, kd.kd, kd.metrics), 0, kd_tokens
+            return kd, 0, kd_tokens
         ce = self._objective_output(model, inputs, (1 - alpha) / gold_denominator, 0.0)
         return ObjectiveOutput(ce.loss + kd.loss, ce.ce, kd.kd, kd.metrics), gold_tokens, kd_tokens
 

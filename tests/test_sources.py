@@ -87,13 +87,22 @@ def kd_on_rollout_reference(student, teacher, rows, alpha_weighted_kd_tokens):
     return (log_p.exp() * (log_p - log_q)).sum() / alpha_weighted_kd_tokens
 
 
-@pytest.mark.parametrize("source", ["student", "switch", "teacher", "skd", "mixture"])
+def gold_cross_entropy(student, batch):
+    targets = batch["labels"][:, 1:]
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits[targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize(
+    "source, alpha", [("student", 0.5), ("switch", 0.5), ("teacher", 0.5), ("skd", 0.5), ("mixture", 0.5),
+                      ("student", 1.0)]
+)
 def test_training_loss_on_generated_sequences_equals_the_full_logit_reference(
-    tmp_path, tokenizer, examples, source
+    tmp_path, tokenizer, examples, source, alpha
 ):
-    """alpha_kd = 0.5: the step's loss is ½·mean CE on the gold batch + ½·mean KL on the responses the rollout
-    (rerun here with the trainer's seed) produced for the batch's prompts."""
-    trainer = make_trainer(tmp_path, tokenizer, examples, source=source, max_new_tokens=12, alpha_kd=0.5)
+    """The step's loss is (1 - α)·mean CE on the gold batch + α·mean KL on the responses the rollout (rerun here
+    with the trainer's seed) produced for the batch's prompts."""
+    trainer = make_trainer(tmp_path, tokenizer, examples, source=source, max_new_tokens=12, alpha_kd=alpha)
     batch = trainer._prepare_inputs(DistillCollator(tokenizer.pad_token_id)([trainer.train_dataset[i] for i in range(4)]))
     student, teacher = trainer.model, trainer.teacher
     trainer.model.train()
@@ -106,10 +115,26 @@ def test_training_loss_on_generated_sequences_equals_the_full_logit_reference(
     )
     rows = rollout_rows(produced.sequences, produced.attention_mask, prompts[0].shape[1])
     kd = kd_on_rollout_reference(student, teacher, rows, int(produced.response_mask.sum()))
-    targets = batch["labels"][:, 1:]
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    ce = torch.nn.functional.cross_entropy(logits[targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX])
-    assert loss.item() == pytest.approx((0.5 * ce + 0.5 * kd).item(), rel=1e-5)
+    expected = (1 - alpha) * gold_cross_entropy(student, batch) + alpha * kd
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_replayed_batch_trains_on_the_buffers_rows_with_a_fresh_teacher_pass(tmp_path, tokenizer, examples):
+    trainer = make_trainer(tmp_path, tokenizer, examples, source="adaptive", replay_buffer_size=4,
+                           eval_examples=examples[:4], eval_strategy="steps", eval_steps=1)
+    source = trainer.sequence_source
+    rows = [{"input_ids": row["input_ids"][:-1] + [7, 8, 9],
+             "labels": [IGNORE_INDEX] * (len(row["input_ids"]) - 1) + [7, 8, 9]}
+            for row in (trainer.train_dataset[i] for i in range(4))]
+    source.remember(rows)
+    source.student_probability = 1.0
+    trainer.state.global_step = trainer.state.max_steps = 10  # r < p·(1 − step/total) = 0 never: replay when r < 1
+    batch = trainer._prepare_inputs(DistillCollator(tokenizer.pad_token_id)([trainer.train_dataset[i] for i in range(4)]))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    kd = kd_on_rollout_reference(trainer.model, trainer.teacher, rows, 12)
+    expected = 0.5 * gold_cross_entropy(trainer.model, batch) + 0.5 * kd
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_on_policy_training_runs_and_logs_the_rollout(tmp_path, tokenizer, examples):
