@@ -150,14 +150,15 @@ def test_on_policy_training_runs_and_logs_the_rollout(tmp_path, tokenizer, examp
     assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
 
 
-def test_cross_tokenizer_on_policy_retokenises_the_student_text_for_the_teacher(tmp_path, real_tokenizers, examples):
-    """A Llama-tokenizer student generates; the GPT-2-tokenizer teacher reads the text in its own tokens, paired by
-    ETA, and the KD is finite and logged with the aligned fraction."""
+@pytest.mark.parametrize("source", ["student", "teacher"])
+def test_cross_tokenizer_on_policy_retokenises_the_writers_text_for_both(tmp_path, real_tokenizers, examples, source):
+    """A Llama-tokenizer student (or the GPT-2-tokenizer teacher) generates; each model reads the text in its own
+    tokens, paired by ETA, and the KD is finite and logged with the aligned fraction."""
     student_tokenizer, teacher_tokenizer = real_tokenizers["llama2"], real_tokenizers["gpt2"]
     config = DistillConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
         logging_steps=1, report_to=[], use_cpu=True, seed=3, disable_tqdm=True, objective="simple_ctkd",
-        source="student", max_new_tokens=6, generation_temperature=0.0,
+        source=source, max_new_tokens=6, generation_temperature=0.0,
     )
     from llmdistill import DistillTrainer
 
