@@ -146,3 +146,18 @@ def test_statistics_count_generated_tokens_per_position_bucket():
     assert stats["teacher_written_fraction_16-63"] == 0.0
     assert stats["teacher_written_fraction_64+"] == pytest.approx(4 / 10)
     assert stats["jsd_0-15"] == pytest.approx(divergence[0, :16].mean().item())
+
+
+def test_sampling_follows_the_warped_distribution_and_never_picks_filtered_tokens():
+    from llmdistill.rollout import sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+    drawn = sample(logits, Sampling(temperature=1.0), generator)
+    frequencies = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    torch.testing.assert_close(frequencies, logits[0].softmax(-1), atol=0.01, rtol=0)
+    top2 = sample(logits, Sampling(top_k=2), generator)
+    assert set(top2.tolist()) == {0, 1}
+    assert torch.bincount(top2, minlength=2)[0] / len(top2) == pytest.approx(1 / (1 + math.exp(-1)), abs=0.01)
+    nucleus = sample(logits, Sampling(top_p=0.5), generator)  # p(0) = 0.64 ≥ 0.5: only token 0
+    assert set(nucleus.tolist()) == {0}
