@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmdistill.models import load_tokenizer
 
 from conftest import SHARED_DATA, needs_shared_data, tiny_gpt2, tiny_llama
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -108,3 +111,23 @@ def test_align_shows_both_tokenisations_and_the_coverage(tmp_path):
     as_json = json.loads(run_cli(*args, "--file", str(text_file), "--json", cwd=tmp_path).stdout)
     assert as_json["pairs"] == [[0, 0], [1, 1]]
     assert as_json["student"]["aligned_fraction"] == 1.0
+
+
+def test_shipped_switch_and_gkd_configs_train_tiny_models(tmp_path, model_dirs, train_file):
+    """configs/switch.yaml and configs/gkd.yaml as shipped, with only the models, data and run length overridden."""
+    teacher_dir, student_dir = model_dirs
+    for name in ("switch", "gkd"):
+        out = tmp_path / name
+        result = run_cli(
+            "train", str(CONFIGS / f"{name}.yaml"), "--teacher_model_name_or_path", str(teacher_dir),
+            "--student_model_name_or_path", str(student_dir), "--dataset_name_or_path", str(train_file),
+            "--output_dir", str(out), "--max_steps", "2", "--max_new_tokens", "8", "--logging_steps", "1",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--use_cpu", "true",
+            "--save_strategy", "no", "--report_to", "none", cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        resolved = yaml.safe_load((out / "distill_config.yaml").read_text())
+        assert resolved["source"] == {"switch": "switch", "gkd": "mixed"}[name]
+        assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+        if name == "switch":
+            assert "teacher_written_fraction" in result.stdout
