@@ -17,7 +17,7 @@ import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import IGNORE_INDEX, ExampleFormat, prepare_dataset
+from .data import IGNORE_INDEX, PAIR_COLUMNS, ExampleFormat, prepare_dataset
 from .rollout import Intervention, Sampling, rollout, rollout_statistics
 
 SOURCES = ("gt", "teacher", "student", "mixed", "adaptive", "switch", "skd", "mixture")
@@ -175,15 +175,17 @@ def produce(student: PreTrainedModel, teacher: PreTrainedModel, batch: dict, gen
 def _retokenised_rows(produced, prompt_width: int, writer_tokenizer, generation: Generation) -> list[dict]:
     """The generated texts tokenised for both models with their token pairs, as the data pipeline does it.
 
-    Rows whose response decodes to no text (EOS first) have nothing to align and are left out.
+    Rows whose response decodes to no text (EOS first) have nothing to align and are left out; a response cut by
+    `max_new_tokens` gets no EOS on either side (the data pipeline would append one).
     """
-    texts = []
+    texts, finished = [], []
     for row in rollout_rows(produced.sequences, produced.attention_mask, prompt_width):
         start = row["labels"].count(IGNORE_INDEX)
         prompt = writer_tokenizer.decode(row["input_ids"][:start], skip_special_tokens=True)
         response = writer_tokenizer.decode(row["input_ids"][start:], skip_special_tokens=True)
         if response.strip():
             texts.append({"prompt": prompt, "response": response})
+            finished.append(row["input_ids"][-1] == writer_tokenizer.eos_token_id)
     if not texts:
         return []
     prepared = prepare_dataset(
@@ -191,4 +193,19 @@ def _retokenised_rows(produced, prompt_width: int, writer_tokenizer, generation:
         generation.max_length, drop_overlong_prompts=True, name="generated", teacher_tokenizer=generation.teacher_tokenizer,
         pairings=generation.pairings,
     )
-    return prepared.to_list()
+    eos = (generation.tokenizer.eos_token_id, generation.teacher_tokenizer.eos_token_id)
+    return [row if done else _without_final_eos(row, *eos) for row, done in zip(prepared.to_list(), finished)]
+
+
+def _without_final_eos(row: dict, student_eos: int, teacher_eos: int) -> dict:
+    """The row without the EOS the data pipeline appended to each side, and without pairs that point at it."""
+    row = dict(row)
+    for prefix, eos in (("", student_eos), ("teacher_", teacher_eos)):
+        if row[f"{prefix}input_ids"][-1] == eos:
+            row[f"{prefix}input_ids"] = row[f"{prefix}input_ids"][:-1]
+            row[f"{prefix}labels"] = row[f"{prefix}labels"][:-1]
+    for key in PAIR_COLUMNS:
+        if key in row:
+            row[key] = [pair for pair in row[key]
+                        if pair[0] < len(row["teacher_input_ids"]) and pair[1] < len(row["input_ids"])]
+    return row

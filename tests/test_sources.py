@@ -185,3 +185,25 @@ def test_sources_that_need_one_vocabulary_or_validation_loss_say_so(tmp_path, to
         DistillConfig(output_dir=str(tmp_path), source="switch", switch_schedule="cosine", use_cpu=True)
     with pytest.raises(ValueError, match="eval_strategy"):
         make_trainer(tmp_path, tokenizer, examples, source="adaptive")
+
+
+def test_cross_tokenizer_rows_of_cut_responses_carry_no_eos_and_pairs_stay_inside(tmp_path, real_tokenizers, examples):
+    from llmdistill.data import prepare_dataset
+    from llmdistill.quickstart.run import DATA_FORMAT
+    from llmdistill.sources import Generation, produce
+
+    student_tokenizer, teacher_tokenizer = real_tokenizers["llama2"], real_tokenizers["gpt2"]
+    config = DistillConfig(output_dir=str(tmp_path), objective="simple_ctkd", source="student", max_new_tokens=5,
+                           generation_temperature=0.0, use_cpu=True)
+    gold = prepare_dataset(as_rows(examples[:4]).rename_column("output", "response"), student_tokenizer, DATA_FORMAT,
+                           256, 512, teacher_tokenizer=teacher_tokenizer)
+    batch = DistillCollator(student_tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)(
+        gold.to_list())
+    student = tiny_llama(len(student_tokenizer), seed=1).eval()
+    produced = produce(student, None, batch, Generation(config, student_tokenizer, teacher_tokenizer, True), None)
+    assert produced.rows and produced.teacher_hidden is None
+    for row in produced.rows:  # 5 greedy tokens from a random model: cut, never finished
+        assert row["labels"][-1] != student_tokenizer.eos_token_id
+        assert row["teacher_labels"][-1] != teacher_tokenizer.eos_token_id
+        assert all(t < len(row["teacher_input_ids"]) and s < len(row["input_ids"]) for t, s in row["aligned_pairs"])
+        assert row["aligned_pairs"], "the re-tokenised response shares aligned tokens"
