@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from llmdistill.quickstart.run import student_name
-from student_comparison import METRICS, command, parse_args, run_seeds, table, teacher_line, write
+from student_comparison import METRICS, command, objectives_table, parse_args, run_seeds, write
 
 OBJECTIVES = ("sft", "uld", "mined", "simple_ctkd", "cma", "dskd_eta")
 RESULTS = Path(__file__).parent / "results" / "cross_tokenizer.md"
@@ -37,9 +36,7 @@ def main() -> None:
         f"Torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
         "time ratios are taken within each run.",
         "",
-        *table(runs, [student_name(o) for o in OBJECTIVES], student_name("sft"), metrics=CROSS_METRICS),
-        "",
-        teacher_line(runs),
+        *objectives_table(runs, OBJECTIVES, "sft", CROSS_METRICS),
     ]
     write("\n".join(lines) + "\n", args.results)
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmdistill.quickstart.run import student_name
-from student_comparison import command, parse_args, run_seeds, table, teacher_line, write
+from student_comparison import command, objectives_table, parse_args, run_seeds, write
 
 OBJECTIVES = ("sft", "vanilla", "dskd")
 RESULTS = Path(__file__).parent / "results" / "dskd_vs_kd.md"
@@ -30,9 +29,7 @@ def main() -> None:
         "KL and agreement are per response token on the held-out references; exact match and ROUGE-L on",
         "greedy generations. Every student: same initialisation per seed, same steps, same data order.",
         "",
-        *table(runs, [student_name(o) for o in OBJECTIVES], student_name("vanilla")),
-        "",
-        teacher_line(runs),
+        *objectives_table(runs, OBJECTIVES, "vanilla"),
     ]
     write("\n".join(lines) + "\n", args.results)
 

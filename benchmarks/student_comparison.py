@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from llmdistill.quickstart.run import run_quickstart
+from llmdistill.quickstart.run import run_quickstart, student_name
 
 METRICS = (  # key, header, format
     ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
@@ -38,6 +38,12 @@ def table(runs: list[dict], names: list[str], baseline: str, metrics=METRICS, se
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_std(ratios, '{:.2f}')}× |")
     return lines
+
+
+def objectives_table(runs: list[dict], objectives: tuple[str, ...], baseline: str, metrics=METRICS) -> list[str]:
+    """`table` for students named by their objective (all trained on the dataset's responses), then the teacher."""
+    names = [student_name(objective) for objective in objectives]
+    return [*table(runs, names, student_name(baseline), metrics), "", teacher_line(runs)]
 
 
 def teacher_line(runs: list[dict]) -> str:
