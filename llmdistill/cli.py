@@ -37,6 +37,18 @@ def main(argv: list[str] | None = None) -> None:
         help="where the distilled student's KD sequences come from: the dataset (gt) or generations during training "
         "(switch: the student writes and the teacher takes over where they disagree; see the README)",
     )
+    evaluate = commands.add_parser("eval", help="the papers' evaluation: ROUGE-L over seeds, GSM8K exact match")
+    evaluate.add_argument("model", help="the model folder to evaluate")
+    evaluate.add_argument("--data", nargs="+", required=True, type=Path,
+                          help="JSONL files: prompt + output (MiniLLM/DSKD format) or GSM8K's question + answer")
+    evaluate.add_argument("--teacher", help="teacher folder: adds held-out teacher→student KL and top-1 agreement")
+    evaluate.add_argument("--seeds", nargs="+", type=int, default=[10, 20, 30, 40, 50])
+    evaluate.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at T = 1")
+    evaluate.add_argument("--output-dir", type=Path, help="default: MODEL/eval")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-prompt-length", type=int, default=256, help="prompts keep their last N tokens")
+    evaluate.add_argument("--max-length", type=int, default=512, help="prompt + response tokens at most")
+    evaluate.add_argument("--limit", type=int, help="only the first N prompts of each file")
     align = commands.add_parser("align", help="show how two tokenizers split a text and which tokens ETA aligns")
     align.add_argument("--teacher", required=True, help="teacher model or tokenizer: folder or hub name")
     align.add_argument("--student", required=True, help="student model or tokenizer: folder or hub name")
@@ -47,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "align":
         _align(args)
+        return
+    if args.command == "eval":
+        _evaluate(args)
         return
     objective = args.objective or ("dskd_eta" if args.cross_tokenizer else "vanilla")
     if args.cross_tokenizer and objective not in CROSS_TOKENIZER:
@@ -89,3 +104,14 @@ def _align(args: argparse.Namespace) -> None:
         print(json.dumps(alignment_summary(text, teacher, student), ensure_ascii=False, indent=1))
     else:
         print(render_alignment(text, teacher, student))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import Protocol, evaluate_model, results_markdown
+
+    protocol = Protocol(args.max_prompt_length, args.max_length, temperature=0.0 if args.greedy else 1.0,
+                        batch_size=args.batch_size)
+    seeds = tuple(args.seeds[:1]) if args.greedy else tuple(args.seeds)  # greedy decoding ignores the seed
+    results = evaluate_model(args.model, args.data, args.output_dir or Path(args.model) / "eval", args.teacher,
+                             seeds, protocol, args.limit)
+    print(results_markdown(results))

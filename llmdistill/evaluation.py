@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
+import datasets
 import torch
 from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import IGNORE_INDEX, DistillCollator
+from .data import IGNORE_INDEX, DistillCollator, ExampleFormat, prepare_dataset
 from .losses import distill_loss_from_hidden, top1_from_hidden
-from .models import LMHead, supervised_hidden_states
+from .models import LMHead, load_model, load_tokenizer, supervised_hidden_states
 from .objectives.cross_batch import Positions, token_pairs_to_positions
 from .objectives.cross_common import head_rows, shared_vocabulary, teacher_to_student_ids
+from .rollout import Intervention, Sampling, rollout
+from .vocab import VocabBridge
 
 
 @torch.no_grad()
@@ -133,3 +142,219 @@ def cross_tokenizer_fidelity(
         "top1_agreement": 100.0 * agreements / max(aligned, 1),
         "aligned_fraction": aligned / tokens,
     }
+
+
+# The papers' protocol (METHODS §5): sampled responses, ROUGE-L averaged over seeds, GSM8K final-number match.
+
+PAPER_SEEDS = (10, 20, 30, 40, 50)
+GSM8K_PROMPT = "### Instruction:\n{question}\n\n### Response:\n"
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Generation settings of the evaluation: sampling at temperature 1, top-p 1, top-k 0 (temperature 0 = greedy);
+    prompts keep their last `max_prompt_length` tokens and prompt + response stay within `max_length`."""
+
+    max_prompt_length: int = 256
+    max_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 16
+
+
+class EvalSet(NamedTuple):
+    name: str
+    prompts: list[str]
+    references: list[list[str]]  # one or more references per prompt (S-NI has several)
+    gsm8k: bool  # score by the final number, not ROUGE-L
+
+
+def load_eval_set(path: str | Path, limit: int | None = None) -> EvalSet:
+    """A JSONL file of `prompt` + `output` (a string or a list of references; the MiniLLM/DSKD evaluation files) or
+    GSM8K's `question` + `answer`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data {path} does not exist.")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
+    if not rows:
+        raise ValueError(f"{path} has no rows.")
+    if {"question", "answer"} <= rows[0].keys():
+        prompts = [GSM8K_PROMPT.format(question=row["question"]) for row in rows]
+        return EvalSet(_set_name(path), prompts, [[row["answer"]] for row in rows], gsm8k=True)
+    if not {"prompt", "output"} <= rows[0].keys():
+        raise ValueError(
+            f"{path}: rows need 'prompt' and 'output' (a reference or a list of them), or GSM8K's 'question' and "
+            f"'answer'; the first row has {sorted(rows[0])}."
+        )
+    references = [row["output"] if isinstance(row["output"], list) else [row["output"]] for row in rows]
+    return EvalSet(_set_name(path), [row["prompt"] for row in rows], references, gsm8k=False)
+
+
+def _set_name(path: Path) -> str:
+    """dolly/valid.jsonl → dolly; my_prompts.jsonl → my_prompts."""
+    return path.parent.name if path.stem in ("valid", "test", "dev", "train") else path.stem
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], protocol: Protocol, seed: int,
+    progress: bool = False,
+) -> list[str]:
+    """Responses under `protocol`, in left-padded batches through the KV-cached rollout engine, reproducible for a
+    seed (the generator is seeded once per call)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sampling_fields = {"temperature": protocol.temperature, "top_p": protocol.top_p, "top_k": protocol.top_k}
+    was_training = model.training
+    model.eval()
+    responses = []
+    for start in tqdm(range(0, len(prompts), protocol.batch_size), desc=f"seed {seed}", disable=not progress):
+        ids, mask = _left_padded(tokenizer, prompts[start : start + protocol.batch_size], protocol, device)
+        budgets = (protocol.max_length - mask.sum(-1)).tolist()  # each row: prompt + response ≤ max_length
+        sampling = Sampling(max_new_tokens=max(budgets), **sampling_fields)
+        produced = rollout(model, None, ids, mask, Intervention("student"), sampling, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, generator)
+        new_tokens = produced.sequences[:, ids.shape[1] :].tolist()
+        responses += tokenizer.batch_decode(
+            [tokens[:budget] for tokens, budget in zip(new_tokens, budgets)], skip_special_tokens=True
+        )
+    model.train(was_training)
+    return responses
+
+
+def _left_padded(tokenizer, prompts: list[str], protocol: Protocol, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the prompts, each cut to its last `max_prompt_length` tokens, left-padded."""
+    encoded = [ids[-protocol.max_prompt_length :] for ids in tokenizer(prompts)["input_ids"]]
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        mask[row, width - len(tokens) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def rouge_l_best(predictions: list[str], references: list[list[str]]) -> float:
+    """Mean over examples of the best ROUGE-L F ×100 (stemming) against any of the example's references."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [
+        max(scorer.score(reference, prediction)["rougeL"].fmeasure for reference in candidates)
+        for prediction, candidates in zip(predictions, references, strict=True)
+    ]
+    return 100.0 * sum(scores) / len(scores)
+
+
+def final_number(text: str) -> str | None:
+    """GSM8K's answer: the number after the last `####`, else the last number in the text; commas, `$` and trailing
+    decimal zeros removed (12.50 → 12.5, 18.0 → 18)."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return None
+    number = numbers[0 if "####" in text else -1].replace(",", "").replace("$", "")
+    return number.rstrip("0").rstrip(".") if "." in number else number
+
+
+def gsm8k_exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    """Percentage of predictions whose final number equals the reference's (after `####`)."""
+    hits = sum(
+        final_number(prediction) is not None and final_number(prediction) == final_number(candidates[0])
+        for prediction, candidates in zip(predictions, references, strict=True)
+    )
+    return 100.0 * hits / len(references)
+
+
+def score(eval_set: EvalSet, predictions: list[str]) -> dict[str, float]:
+    if eval_set.gsm8k:
+        return {"exact_match": gsm8k_exact_match(predictions, eval_set.references)}
+    return {"rouge_l": rouge_l_best(predictions, eval_set.references)}
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data: list[str | Path],
+    output_dir: str | Path,
+    teacher_dir: str | Path | None = None,
+    seeds: tuple[int, ...] = PAPER_SEEDS,
+    protocol: Protocol = Protocol(),
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """`llmdistill eval`: per data file, the metric averaged over seeds (mean and std) and, with a teacher, the
+    held-out teacher→student KL and top-1 agreement on the first reference. Writes results.json, results.md and
+    predictions.jsonl (one line per prompt and seed) to `output_dir`."""
+    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    teacher = load_model(str(teacher_dir)) if teacher_dir else None
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results, predictions_file = {"model": str(model_dir), "seeds": list(seeds), "protocol": vars(protocol),
+                                 "datasets": {}}, []
+    for path in data:
+        eval_set = load_eval_set(path, limit)
+        per_seed = []
+        for seed in seeds:
+            predictions = sample_responses(model, tokenizer, eval_set.prompts, protocol, seed, progress)
+            per_seed.append(score(eval_set, predictions))
+            predictions_file += [
+                {"dataset": eval_set.name, "seed": seed, "prompt": prompt, "prediction": prediction}
+                for prompt, prediction in zip(eval_set.prompts, predictions)
+            ]
+        row = _mean_and_std(per_seed)
+        if teacher is not None:
+            row |= _fidelity_on_references(teacher, model, tokenizer, load_tokenizer(str(teacher_dir)), eval_set,
+                                           protocol)
+        results["datasets"][eval_set.name] = row
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "results.md").write_text(results_markdown(results) + "\n")
+    (output_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions_file))
+    return results
+
+
+def _mean_and_std(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    row = {}
+    for key in per_seed[0]:
+        values = torch.tensor([scores[key] for scores in per_seed], dtype=torch.float64)
+        row[key] = values.mean().item()
+        row[f"{key}_std"] = values.std().item() if len(values) > 1 else 0.0
+    return row
+
+
+def _fidelity_on_references(teacher, model, tokenizer, teacher_tokenizer, eval_set: EvalSet, protocol: Protocol):
+    keep = protocol.max_prompt_length - 1  # room for a BOS token
+    rows = datasets.Dataset.from_list([
+        {"prompt": _last_tokens(prompt, tokenizer, keep), "response": references[0]}
+        for prompt, references in zip(eval_set.prompts, eval_set.references) if references[0].strip()
+    ])
+    fmt = ExampleFormat(prompt_column="prompt", response_column="response")
+    bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
+    cross = not bridge.same_vocabulary
+    tokenised = prepare_dataset(rows, tokenizer, fmt, protocol.max_prompt_length, protocol.max_length,
+                                drop_overlong_prompts=True, name=eval_set.name,
+                                teacher_tokenizer=teacher_tokenizer if cross else None)
+    if cross:
+        return cross_tokenizer_fidelity(teacher, model, tokenised, bridge, tokenizer.pad_token_id,
+                                        teacher_tokenizer.pad_token_id)
+    return teacher_student_fidelity(teacher, model, tokenised, tokenizer.pad_token_id)
+
+
+def _last_tokens(text: str, tokenizer, count: int) -> str:
+    """The end of `text` that the tokenizer splits into at most `count` tokens, cut at a token boundary (generation
+    keeps the prompt's last tokens the same way)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text if len(offsets) <= count else text[offsets[-count][0] :]
+
+
+def results_markdown(results: dict) -> str:
+    """One row per dataset: the metric as mean ± std over seeds, and fidelity when a teacher was given."""
+    lines = [f"Model: `{results['model']}`; seeds {results['seeds']}.", "",
+             "| data | metric | mean ± std over seeds | teacher→student KL | top-1 agreement % |", "|---|---|---|---|---|"]
+    for name, row in results["datasets"].items():
+        metric = "exact_match" if "exact_match" in row else "rouge_l"
+        kl, agreement = row.get("teacher_student_kl"), row.get("top1_agreement")
+        lines.append(
+            f"| {name} | {metric} | {row[metric]:.2f} ± {row[metric + '_std']:.2f} | "
+            f"{'—' if kl is None else f'{kl:.3f}'} | {'—' if agreement is None else f'{agreement:.1f}'} |"
+        )
+    return "\n".join(lines)

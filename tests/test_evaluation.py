@@ -1,0 +1,100 @@
+"""The papers' evaluation protocol: ROUGE-L as rouge-score computes it, GSM8K's final number, reproducible sampled
+generation, batched = one-by-one greedy generation, and `llmdistill eval` end to end on real evaluation files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from rouge_score import rouge_scorer
+
+from llmdistill.evaluation import (
+    Protocol, final_number, gsm8k_exact_match, load_eval_set, rouge_l, rouge_l_best, sample_responses,
+)
+
+from conftest import SHARED_DATA, needs_shared_data, tiny_llama
+
+PREDICTIONS = ["The cats were running quickly home.", "Paris is the capital.", "", "42 apples"]
+REFERENCES = ["A cat runs home quickly.", "The capital of France is Paris.", "Nothing here.", "There are 42 apples."]
+
+
+def test_rouge_l_equals_rouge_score_with_stemming():
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = 100 * sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(PREDICTIONS, REFERENCES)) / 4
+    assert rouge_l(PREDICTIONS, REFERENCES) == pytest.approx(expected)
+    assert rouge_l_best(PREDICTIONS, [[r] for r in REFERENCES]) == pytest.approx(expected)
+    assert expected > 0 and scorer.score("cats running", "cat runs")["rougeL"].fmeasure == 1.0  # stemming is on
+
+
+def test_rouge_l_with_several_references_takes_the_best():
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    references = [["unrelated words", REFERENCES[0]], [REFERENCES[1], "Paris"]]
+    expected = [max(scorer.score(r, p)["rougeL"].fmeasure for r in refs) for p, refs in zip(PREDICTIONS, references)]
+    assert rouge_l_best(PREDICTIONS[:2], references) == pytest.approx(100 * sum(expected) / 2)
+
+
+@needs_shared_data
+def test_gsm8k_final_numbers_of_the_real_references():
+    test_set = load_eval_set(SHARED_DATA / "datasets" / "gsm8k" / "test.jsonl")
+    assert test_set.gsm8k and test_set.name == "gsm8k" and len(test_set.prompts) == 1319
+    for (reference,) in test_set.references:
+        written = reference.rsplit("####", 1)[1].strip().replace(",", "")
+        assert final_number(reference) == written
+    assert gsm8k_exact_match([refs[0] for refs in test_set.references], test_set.references) == 100.0
+
+
+def test_final_number_of_free_text_answers():
+    assert final_number("She makes 9 * 2 = $18 every day.") == "18"
+    assert final_number("so 1,234.50 dollars") == "1234.5"
+    assert final_number("#### -3\nthen 7") == "-3"
+    assert final_number("no digits") is None
+    assert gsm8k_exact_match(["The answer is 18.", "It is 17", "none"], [["x #### 18"], ["#### 18"], ["#### 1"]]) == (
+        pytest.approx(100 / 3)
+    )
+
+
+@pytest.fixture(scope="module")
+def student(tokenizer):
+    return tiny_llama(len(tokenizer), seed=3)
+
+
+def test_sampled_generation_is_reproducible_for_a_seed(student, tokenizer, examples):
+    prompts = [e["prompt"] for e in examples[:6]]
+    protocol = Protocol(max_length=96, batch_size=4)
+    first, again = (sample_responses(student, tokenizer, prompts, protocol, seed=10) for _ in range(2))
+    assert first == again
+    assert sample_responses(student, tokenizer, prompts, protocol, seed=20) != first
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(student, tokenizer, examples):
+    prompts = [e["prompt"] for e in examples[:5]]  # different lengths: the batch is left-padded
+    protocol = Protocol(max_length=80, temperature=0.0, batch_size=5)
+    batched = sample_responses(student, tokenizer, prompts, protocol, seed=0)
+    alone = [sample_responses(student, tokenizer, [p], protocol, seed=0)[0] for p in prompts]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1
+    assert batched == alone
+
+
+@needs_shared_data
+def test_llmdistill_eval_on_dolly_s_ni_and_gsm8k_with_a_teacher(tmp_path, model_dirs):
+    teacher_dir, student_dir = model_dirs
+    data = [SHARED_DATA / "datasets" / "minillm-kd-eval" / name / "valid.jsonl" for name in ("dolly", "sinst-11_")]
+    data.append(SHARED_DATA / "datasets" / "gsm8k" / "test.jsonl")
+    result = subprocess.run(
+        [sys.executable, "-m", "llmdistill", "eval", str(student_dir), "--data", *map(str, data), "--teacher",
+         str(teacher_dir), "--seeds", "10", "20", "--limit", "3", "--max-prompt-length", "96", "--max-length", "128",
+         "--output-dir", str(tmp_path / "eval")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(results["datasets"]) == {"dolly", "sinst-11_", "gsm8k"}
+    assert 0 <= results["datasets"]["dolly"]["rouge_l"] <= 100 and "rouge_l_std" in results["datasets"]["dolly"]
+    assert 0 <= results["datasets"]["gsm8k"]["exact_match"] <= 100
+    for row in results["datasets"].values():
+        assert row["teacher_student_kl"] >= 0 and 0 <= row["top1_agreement"] <= 100
+    predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 3 * 2 * 3
+    assert "| dolly | rouge_l |" in result.stdout
