@@ -144,6 +144,15 @@ class DistillConfig(TrainingArguments):
         default=0.2, metadata={"help": "source=mixture: tokens sampled from (1 - α)·student + α·teacher."}
     )
 
+    # Evaluation during training
+    eval_generation_size: int = field(
+        default=0,
+        metadata={
+            "help": "Each evaluation also decodes greedily from the first N evaluation prompts and reports eval_rouge_l "
+            "and eval_exact_match (metric_for_best_model: rouge_l picks the best checkpoint by it); 0 = loss only."
+        },
+    )
+
     # Trainer defaults that suit distillation
     output_dir: str | None = field(
         default="runs/llmdistill", metadata={"help": "Where checkpoints and the student go."}
@@ -176,6 +185,8 @@ class DistillConfig(TrainingArguments):
                 f"model_dtype={self.model_dtype!r} is unknown: choose float32, bfloat16, float16 or auto."
             )
         self._check_source()
+        if self.eval_generation_size < 0:
+            raise ValueError(f"eval_generation_size={self.eval_generation_size} must be ≥ 0 (0 = loss only).")
         if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
             raise ValueError(
                 f"max_length={self.max_length} must exceed max_prompt_length={self.max_prompt_length} (≥ 1) "

@@ -17,7 +17,9 @@ from .losses import distill_loss_from_hidden
 from .models import LMHead, freeze, load_model, load_tokenizer, supervised_hidden_states
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
 from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
-from .sources import Generation, Produced, SequenceSource, produce
+from .evaluation import exact_match, rouge_l
+from .rollout import Intervention, Sampling, rollout
+from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
 from .vocab import VocabBridge, shared_vocab_size
 
 PROJECTORS_FILENAME = "projectors.safetensors"
@@ -278,6 +280,36 @@ class DistillTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The loss terms, plus ROUGE-L and exact match of greedy responses to the first `eval_generation_size`
+        evaluation prompts."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.args.eval_generation_size:
+            rows = [dataloader.dataset[i] for i in range(min(self.args.eval_generation_size, len(dataloader.dataset)))]
+            scores = self._greedy_scores(rows)
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in scores.items()})
+        return output
+
+    @torch.no_grad()
+    def _greedy_scores(self, rows: list[dict]) -> dict[str, float]:
+        student = self.accelerator.unwrap_model(self.model)
+        pad, eos = self.processing_class.pad_token_id, self.processing_class.eos_token_id
+        was_training = student.training
+        student.eval()
+        predictions, references = [], []
+        for start in range(0, len(rows), self.args.per_device_eval_batch_size):
+            batch = self._prepare_inputs(self.data_collator(rows[start : start + self.args.per_device_eval_batch_size]))
+            ids, mask = left_padded_prompts(batch["input_ids"], batch["labels"], pad)
+            sampling = Sampling(min(self.args.max_new_tokens, self.args.max_length - ids.shape[1]), temperature=0.0)
+            produced = rollout(student, None, ids, mask, Intervention("student"), sampling, eos, pad)
+            predictions += self.processing_class.batch_decode(produced.sequences[:, ids.shape[1] :],
+                                                              skip_special_tokens=True)
+            labels = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, pad)
+            references += self.processing_class.batch_decode(labels, skip_special_tokens=True)
+        student.train(was_training)
+        return {"rouge_l": rouge_l(predictions, references), "exact_match": exact_match(predictions, references)}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"

@@ -98,3 +98,25 @@ def test_llmdistill_eval_on_dolly_s_ni_and_gsm8k_with_a_teacher(tmp_path, model_
     predictions = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 3 * 2 * 3
     assert "| dolly | rouge_l |" in result.stdout
+
+
+def test_evaluation_during_training_reports_rouge_l_and_picks_the_best_checkpoint_by_it(tmp_path, tokenizer, examples):
+    """SFT memorising 8 examples, evaluated on them every 20 steps: ROUGE-L of its greedy responses rises, and the
+    best checkpoint is the first one with the highest ROUGE-L."""
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(
+        tmp_path, tokenizer, examples[:8], eval_examples=examples[:8], objective="sft", max_steps=60,
+        learning_rate=1e-2, optim="adamw_torch", eval_strategy="steps", eval_steps=20, save_strategy="steps",
+        save_steps=20, eval_generation_size=8, max_new_tokens=8, metric_for_best_model="rouge_l",
+        greater_is_better=True, load_best_model_at_end=True, per_device_eval_batch_size=4,
+    )
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_rouge_l" in entry]
+    assert [entry["step"] for entry in evaluations] == [20, 40, 60]
+    for entry in evaluations:
+        assert 0 <= entry["eval_rouge_l"] <= 100 and 0 <= entry["eval_exact_match"] <= 100 and entry["eval_loss"] > 0
+    assert evaluations[-1]["eval_rouge_l"] > evaluations[0]["eval_rouge_l"]
+    best = max(evaluations, key=lambda entry: entry["eval_rouge_l"])
+    assert trainer.state.best_metric == best["eval_rouge_l"]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
