@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import IGNORE_INDEX, DistillCollator, ExampleFormat, prepare_dataset
 from .losses import distill_loss_from_hidden, top1_from_hidden
-from .models import LMHead, load_model, load_tokenizer, supervised_hidden_states
+from .models import LMHead, eval_mode, load_model, load_tokenizer, supervised_hidden_states
 from .objectives.cross_batch import Positions, token_pairs_to_positions
 from .objectives.cross_common import head_rows, shared_vocabulary, teacher_to_student_ids
 from .rollout import Intervention, Sampling, rollout
@@ -37,21 +37,19 @@ def generate_responses(
     left_padded = copy.copy(tokenizer)
     left_padded.padding_side = "left"
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     responses = []
-    for start in range(0, len(prompts), batch_size):
-        batch = left_padded(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-        generated = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        responses += left_padded.batch_decode(new_tokens, skip_special_tokens=True)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            batch = left_padded(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            responses += left_padded.batch_decode(new_tokens, skip_special_tokens=True)
     return responses
 
 
@@ -63,9 +61,7 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F-measure ×100 with stemming, as the MiniLLM/DSKD papers report it."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
-    return 100.0 * sum(scores) / len(scores)
+    return rouge_l_best(predictions, [[reference] for reference in references])
 
 
 @torch.no_grad()
@@ -207,20 +203,19 @@ def sample_responses(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     sampling_fields = {"temperature": protocol.temperature, "top_p": protocol.top_p, "top_k": protocol.top_k}
-    was_training = model.training
-    model.eval()
     responses = []
-    for start in tqdm(range(0, len(prompts), protocol.batch_size), desc=f"seed {seed}", disable=not progress):
-        ids, mask = _left_padded(tokenizer, prompts[start : start + protocol.batch_size], protocol, device)
-        budgets = (protocol.max_length - mask.sum(-1)).tolist()  # each row: prompt + response ≤ max_length
-        sampling = Sampling(max_new_tokens=max(budgets), **sampling_fields)
-        produced = rollout(model, None, ids, mask, Intervention("student"), sampling, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, generator)
-        new_tokens = produced.sequences[:, ids.shape[1] :].tolist()
-        responses += tokenizer.batch_decode(
-            [tokens[:budget] for tokens, budget in zip(new_tokens, budgets)], skip_special_tokens=True
-        )
-    model.train(was_training)
+    batches = tqdm(range(0, len(prompts), protocol.batch_size), desc=f"seed {seed}", disable=not progress)
+    with eval_mode(model):
+        for start in batches:
+            ids, mask = _left_padded(tokenizer, prompts[start : start + protocol.batch_size], protocol, device)
+            budgets = (protocol.max_length - mask.sum(-1)).tolist()  # each row: prompt + response ≤ max_length
+            sampling = Sampling(max_new_tokens=max(budgets), **sampling_fields)
+            produced = rollout(model, None, ids, mask, Intervention("student"), sampling, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, generator)
+            new_tokens = produced.sequences[:, ids.shape[1] :].tolist()
+            responses += tokenizer.batch_decode(
+                [tokens[:budget] for tokens, budget in zip(new_tokens, budgets)], skip_special_tokens=True
+            )
     return responses
 
 
@@ -259,9 +254,10 @@ def final_number(text: str) -> str | None:
 
 def gsm8k_exact_match(predictions: list[str], references: list[list[str]]) -> float:
     """Percentage of predictions whose final number equals the reference's (after `####`)."""
+    answers = [final_number(prediction) for prediction in predictions]
     hits = sum(
-        final_number(prediction) is not None and final_number(prediction) == final_number(candidates[0])
-        for prediction, candidates in zip(predictions, references, strict=True)
+        answer is not None and answer == final_number(candidates[0])
+        for answer, candidates in zip(answers, references, strict=True)
     )
     return 100.0 * hits / len(references)
 

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from .config import DistillConfig
 from .data import IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
 from .losses import distill_loss_from_hidden
-from .models import LMHead, freeze, load_model, load_tokenizer, supervised_hidden_states
+from .models import LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
 from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
 from .evaluation import exact_match, rouge_l
@@ -231,13 +231,8 @@ class DistillTrainer(Trainer):
         return ObjectiveOutput(ce.loss + kd.loss, ce.ce, kd.kd, kd.metrics), gold_tokens, kd_tokens
 
     def _produce(self, model, inputs) -> Produced:
-        student = self.accelerator.unwrap_model(model)
-        was_training = student.training
-        student.eval()
-        try:
+        with eval_mode(self.accelerator.unwrap_model(model)) as student:
             return produce(student, self.teacher, inputs, self.generation, self.rollout_generator)
-        finally:
-            student.train(was_training)
 
     def _cross_tokenizer_batch(self, student_hidden, student_head, inputs) -> CrossTokenizerBatch:
         """Both models' supervised positions (the teacher reads its own tokenisation) and the pairs between them."""
@@ -294,21 +289,20 @@ class DistillTrainer(Trainer):
 
     @torch.no_grad()
     def _greedy_scores(self, rows: list[dict]) -> dict[str, float]:
-        student = self.accelerator.unwrap_model(self.model)
         pad, eos = self.processing_class.pad_token_id, self.processing_class.eos_token_id
-        was_training = student.training
-        student.eval()
         predictions, references = [], []
-        for start in range(0, len(rows), self.args.per_device_eval_batch_size):
-            batch = self._prepare_inputs(self.data_collator(rows[start : start + self.args.per_device_eval_batch_size]))
-            ids, mask = left_padded_prompts(batch["input_ids"], batch["labels"], pad)
-            sampling = Sampling(min(self.args.max_new_tokens, self.args.max_length - ids.shape[1]), temperature=0.0)
-            produced = rollout(student, None, ids, mask, Intervention("student"), sampling, eos, pad)
-            predictions += self.processing_class.batch_decode(produced.sequences[:, ids.shape[1] :],
-                                                              skip_special_tokens=True)
-            labels = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, pad)
-            references += self.processing_class.batch_decode(labels, skip_special_tokens=True)
-        student.train(was_training)
+        with eval_mode(self.accelerator.unwrap_model(self.model)) as student:
+            for start in range(0, len(rows), self.args.per_device_eval_batch_size):
+                batch = self._prepare_inputs(
+                    self.data_collator(rows[start : start + self.args.per_device_eval_batch_size])
+                )
+                ids, mask = left_padded_prompts(batch["input_ids"], batch["labels"], pad)
+                sampling = Sampling(min(self.args.max_new_tokens, self.args.max_length - ids.shape[1]), temperature=0)
+                produced = rollout(student, None, ids, mask, Intervention("student"), sampling, eos, pad)
+                predictions += self.processing_class.batch_decode(produced.sequences[:, ids.shape[1] :],
+                                                                  skip_special_tokens=True)
+                labels = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, pad)
+                references += self.processing_class.batch_decode(labels, skip_special_tokens=True)
         return {"rouge_l": rouge_l(predictions, references), "exact_match": exact_match(predictions, references)}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
