@@ -71,6 +71,7 @@ class TrainingRun:
     batch_size: int
     source: str = "gt"
     max_new_tokens: int = 128
+    divergence: str = "fkl"
 
 
 def run_quickstart(
@@ -90,18 +91,12 @@ def run_quickstart(
     `cross_tokenizer` the students read a SentencePiece-style tokenizer of their own while the teacher keeps its
     byte-level BPE, and everything they write goes under `cross_tokenizer/`.
     """
-    settings, out = (SMOKE if smoke else DEFAULT), Path(output_dir)
-    student_seed = seed if student_seed is None else student_seed
     started = time.perf_counter()
-    train_rows, eval_rows = make_splits(seed, settings.n_train, settings.n_eval)
-    for name, rows in (("train", train_rows), ("held_out", eval_rows)):
-        _write_jsonl(out / "data" / f"{name}.jsonl", rows)
-    teacher_tokenizer = _tokenizer(out / "tokenizer", train_rows, settings.vocab_size)
-    teacher_dir = _teacher(out, teacher_tokenizer, _tokenised(train_rows, teacher_tokenizer, "train"), settings, seed)
-    students = Students(out, teacher_tokenizer, train_rows, settings, cross_tokenizer)
-    student_init = _save_init(students.directory / "student-init", students.tokenizer, settings.student_shape,
-                              student_seed + 1)
-    histories = {"teacher": json.loads((teacher_dir / "log_history.json").read_text())}
+    task = Task.prepare(output_dir, seed, SMOKE if smoke else DEFAULT)
+    settings, student_seed = task.settings, seed if student_seed is None else student_seed
+    students = Students(task, cross_tokenizer)
+    student_init = students.initialisation(students.directory / "student-init", student_seed)
+    histories = {"teacher": json.loads((task.teacher_dir / "log_history.json").read_text())}
     runs = [
         TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size, source,
                     settings.max_new_tokens)
@@ -110,12 +105,9 @@ def run_quickstart(
     ]
     for run in runs:
         name = student_name(run.objective, run.source)
-        histories[name] = _train(
-            students.directory / name, student_init, teacher_dir, run, students.tokenizer, students.train_set,
-            student_seed, teacher_tokenizer, dev_rows=make_splits(seed + DEV_SEED_OFFSET, 0, settings.n_eval)[1],
-        )
+        histories[name] = students.train(students.directory / name, student_init, run, student_seed)
     names = [student_name(run.objective, run.source) for run in runs]
-    results = _evaluate(out, students, teacher_tokenizer, eval_rows, settings.max_new_tokens, names)
+    results = _evaluate(task, students, names)
     for name in names:
         results["models"][name] |= training_summary(histories[name])
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
@@ -129,21 +121,74 @@ def run_quickstart(
     return results
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The quickstart task under `out`: its rows (also written to data/*.jsonl), the teacher's byte-level BPE and
+    the teacher, trained once and reused by every later run with the same settings and seed."""
+
+    out: Path
+    seed: int
+    settings: QuickstartSettings
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    teacher_tokenizer: object
+    teacher_dir: Path
+
+    @classmethod
+    def prepare(cls, output_dir: str | Path, seed: int = 0, settings: QuickstartSettings = DEFAULT) -> Task:
+        out = Path(output_dir)
+        train_rows, eval_rows = make_splits(seed, settings.n_train, settings.n_eval)
+        for name, rows in (("train", train_rows), ("held_out", eval_rows)):
+            _write_jsonl(out / "data" / f"{name}.jsonl", rows)
+        tokenizer = _tokenizer(out / "tokenizer", train_rows, settings.vocab_size)
+        teacher_dir = _teacher(out, tokenizer, _tokenised(train_rows, tokenizer, "train"), settings, seed)
+        return cls(out, seed, settings, train_rows, eval_rows, tokenizer, teacher_dir)
+
+    def dev_rows(self) -> list[dict]:
+        """Validation rows of their own (source=adaptive watches their loss)."""
+        return make_splits(self.seed + DEV_SEED_OFFSET, 0, self.settings.n_eval)[1]
+
+
 class Students:
     """Where the students live, the tokenizer they read, and their training rows: pre-tokenised when they share the
     teacher's tokenizer, raw (the trainer tokenises them for both models and aligns them) when they do not."""
 
-    def __init__(self, out: Path, teacher_tokenizer, train_rows: list[dict], settings, cross_tokenizer: bool):
-        self.cross_tokenizer = cross_tokenizer
+    def __init__(self, task: Task, cross_tokenizer: bool = False):
+        self.task, self.cross_tokenizer = task, cross_tokenizer
         if cross_tokenizer:
-            self.directory = out / "cross_tokenizer"
+            self.directory = task.out / "cross_tokenizer"
             self.tokenizer = _tokenizer(
-                self.directory / "tokenizer", train_rows, settings.vocab_size, family="sentencepiece"
+                self.directory / "tokenizer", task.train_rows, task.settings.vocab_size, family="sentencepiece"
             )
-            self.train_set = datasets.Dataset.from_list(train_rows)
+            self.train_set = datasets.Dataset.from_list(task.train_rows)
         else:
-            self.directory, self.tokenizer = out, teacher_tokenizer
-            self.train_set = _tokenised(train_rows, teacher_tokenizer, "train")
+            self.directory, self.tokenizer = task.out, task.teacher_tokenizer
+            self.train_set = _tokenised(task.train_rows, task.teacher_tokenizer, "train")
+
+    def initialisation(self, directory: Path, student_seed: int) -> Path:
+        """Saves the students' shared initial weights, drawn from `student_seed`."""
+        return _save_init(directory, self.tokenizer, self.task.settings.student_shape, student_seed + 1)
+
+    def train(self, directory: Path, init_dir: Path, run: TrainingRun, student_seed: int) -> list[dict]:
+        """Trains one student from `init_dir` into `directory`; returns its log history."""
+        return _train(directory, init_dir, self.task.teacher_dir, run, self.tokenizer, self.train_set, student_seed,
+                      self.task.teacher_tokenizer, dev_rows=self.task.dev_rows())
+
+    def fidelity(self, teacher):
+        """student model → its KL to the teacher and top-1 agreement on the held-out references (at aligned
+        positions over the shared vocabulary when the tokenizers differ)."""
+        eval_rows, teacher_tokenizer = self.task.eval_rows, self.task.teacher_tokenizer
+        if not self.cross_tokenizer:
+            held_out = _tokenised(eval_rows, teacher_tokenizer, "held-out")
+            return lambda model: teacher_student_fidelity(teacher, model, held_out, teacher_tokenizer.pad_token_id)
+        held_out = prepare_dataset(
+            datasets.Dataset.from_list(eval_rows), self.tokenizer, DATA_FORMAT, MAX_PROMPT_LENGTH, MAX_LENGTH,
+            name="held-out", teacher_tokenizer=teacher_tokenizer,
+        )
+        bridge = VocabBridge.between(teacher_tokenizer, self.tokenizer)
+        return lambda model: cross_tokenizer_fidelity(
+            teacher, model, held_out, bridge, self.tokenizer.pad_token_id, teacher_tokenizer.pad_token_id
+        )
 
 
 def student_name(objective: str, source: str = "gt") -> str:
@@ -220,7 +265,7 @@ def _train(
         output_dir=str(directory),
         objective=run.objective,
         alpha_kd=0.5,
-        divergence="fkl",
+        divergence=run.divergence,
         student_model_name_or_path=str(student_dir),
         teacher_model_name_or_path=str(teacher_dir) if teacher_dir else None,
         max_steps=run.steps,
@@ -255,24 +300,14 @@ def _train(
     return history
 
 
-def _evaluate(
-    out: Path, students: Students, teacher_tokenizer, eval_rows: list[dict], max_new_tokens: int, names: list[str]
-) -> dict:
-    prompts = [row["prompt"] for row in eval_rows]
-    references = [row["response"] for row in eval_rows]
-    tasks = [row["task"] for row in eval_rows]
-    teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")
-    fidelity = _fidelity(teacher, students, teacher_tokenizer, eval_rows)
+def _evaluate(task: Task, students: Students, names: list[str]) -> dict:
+    teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
+    fidelity = students.fidelity(teacher)
     results = {"models": {}}
     for name in ["teacher", *names]:
         model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(students.directory / name)
-        tokenizer = teacher_tokenizer if name == "teacher" else students.tokenizer
-        predictions = generate_responses(model, tokenizer, prompts, max_new_tokens)
-        row = _generation_scores(predictions, references)
-        row["by_task"] = {
-            task: _generation_scores(*zip(*[(p, r) for p, r, t in zip(predictions, references, tasks) if t == task]))
-            for task in dict.fromkeys(tasks)
-        }
+        tokenizer = task.teacher_tokenizer if name == "teacher" else students.tokenizer
+        row = greedy_scores(model, tokenizer, task.eval_rows, task.settings.max_new_tokens)
         if name != "teacher":
             row |= fidelity(model)
         row["parameters"] = model.num_parameters()
@@ -280,22 +315,18 @@ def _evaluate(
     return results
 
 
+def greedy_scores(model, tokenizer, eval_rows: list[dict], max_new_tokens: int) -> dict:
+    """Exact match and ROUGE-L of greedy responses to the held-out prompts, overall and per sub-task (`by_task`)."""
+    predictions = generate_responses(model, tokenizer, [row["prompt"] for row in eval_rows], max_new_tokens)
+    references, tasks = [row["response"] for row in eval_rows], [row["task"] for row in eval_rows]
+    row = _generation_scores(predictions, references)
+    row["by_task"] = {
+        task: _generation_scores(*zip(*[(p, r) for p, r, t in zip(predictions, references, tasks) if t == task]))
+        for task in dict.fromkeys(tasks)
+    }
+    return row
+
+
 def _generation_scores(predictions, references) -> dict:
     predictions, references = list(predictions), list(references)
     return {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
-
-
-def _fidelity(teacher, students: Students, teacher_tokenizer, eval_rows: list[dict]):
-    """student model → its KL to the teacher and top-1 agreement on the held-out references (at aligned positions
-    over the shared vocabulary when the tokenizers differ)."""
-    if not students.cross_tokenizer:
-        held_out = _tokenised(eval_rows, teacher_tokenizer, "held-out")
-        return lambda model: teacher_student_fidelity(teacher, model, held_out, teacher_tokenizer.pad_token_id)
-    held_out = prepare_dataset(
-        datasets.Dataset.from_list(eval_rows), students.tokenizer, DATA_FORMAT, MAX_PROMPT_LENGTH, MAX_LENGTH,
-        name="held-out", teacher_tokenizer=teacher_tokenizer,
-    )
-    bridge = VocabBridge.between(teacher_tokenizer, students.tokenizer)
-    return lambda model: cross_tokenizer_fidelity(
-        teacher, model, held_out, bridge, students.tokenizer.pad_token_id, teacher_tokenizer.pad_token_id
-    )

@@ -1,0 +1,260 @@
+"""Every distillation method on the quickstart task, same tokenizer and cross-tokenizer, over seeds: one table.
+
+    python benchmarks/methods.py              # all methods, seeds 0 1 2 (about 75 min on 2 CPU cores)
+    python benchmarks/methods.py --quick      # one seed, 60 steps per student, one sampling seed (under 10 min)
+    python benchmarks/methods.py --smoke --methods SFT "KD (fkl)"   # seconds: the same code path
+
+One teacher (quickstart seed 0, trained once with the machine's default threads and cached under --output-dir).
+For each student seed every method starts from the same initialisation and sees the same data order; the
+students train in parallel worker processes, one thread each, longest first. Each student is scored on the 100
+held-out prompts: teacher→student KL and top-1 agreement on the references, exact match and ROUGE-L of greedy
+responses (as `llmdistill quickstart`), and ROUGE-L under the papers' protocol (sampling at T=1, top-p 1, top-k 0,
+prompt ≤ 256, total ≤ 512, averaged over seeds 10-50). Writes benchmarks/results/methods.md and methods.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import torch  # noqa: E402
+from llmdistill.divergences import DIVERGENCES  # noqa: E402
+from llmdistill.evaluation import PAPER_SEEDS, Protocol, rouge_l, sample_responses  # noqa: E402
+from llmdistill.quickstart.run import (  # noqa: E402
+    DEFAULT, SMOKE, Students, Task, TrainingRun, greedy_scores, training_summary,
+)
+from student_comparison import METRICS, table, write  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "methods.md"
+QUICK = dataclasses.replace(DEFAULT, student_steps=60)
+COLUMNS = (*METRICS[:4], ("sampled_rouge_l", "ROUGE-L, sampled ↑", "{:.1f}"), METRICS[4])
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    objective: str
+    divergence: str = "fkl"
+    source: str = "gt"
+    cross_tokenizer: bool = False
+
+
+METHODS = (
+    Method("SFT", "sft"),
+    *(Method(f"KD ({divergence})", "vanilla", divergence) for divergence in DIVERGENCES),
+    Method("DSKD", "dskd"),
+    Method("SeqKD", "vanilla", source="teacher"),
+    Method("GKD", "vanilla", "jsd", "mixed"),
+    Method("DistiLLM", "vanilla", "skl", "adaptive"),
+    Method("SKD", "vanilla", source="skd"),
+    Method("SWITCH", "vanilla", source="switch"),
+    Method("SFT, own tokenizer", "sft", cross_tokenizer=True),
+    Method("DSKD-ETA", "dskd_eta", cross_tokenizer=True),
+    Method("ULD", "uld", cross_tokenizer=True),
+    Method("MinED", "mined", cross_tokenizer=True),
+    Method("CMA (DSKD v1)", "cma", cross_tokenizer=True),
+    Method("shared-vocabulary KD", "simple_ctkd", cross_tokenizer=True),
+)
+# Relative time per step by source (measured): the pool starts the longest jobs first.
+COST = {"gt": 1, "adaptive": 2, "mixed": 3, "teacher": 3, "skd": 4, "switch": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    method: Method
+    seed: int
+    students: Students
+    init_dir: Path
+    directory: Path
+    run: TrainingRun
+    sampling_seeds: tuple[int, ...]
+
+    def fingerprint(self) -> str:
+        parts = [self.method, self.seed, self.run, self.sampling_seeds, self.students.task.settings]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def main() -> None:
+    args = _parse_args()
+    started = time.perf_counter()
+    settings = SMOKE if args.smoke else QUICK if args.quick else DEFAULT
+    seeds = args.seeds or ([0] if args.quick or args.smoke else [0, 1, 2])
+    sampling_seeds = PAPER_SEEDS[:1] if args.quick or args.smoke else PAPER_SEEDS
+    methods = [method for method in METHODS if not args.methods or method.name in args.methods]
+    unknown = set(args.methods or ()) - {method.name for method in METHODS}
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {[method.name for method in METHODS]}")
+    task = Task.prepare(args.output_dir, 0, settings)
+    jobs = _jobs(task, methods, seeds, sampling_seeds)
+    teacher = _teacher_scores(task, sampling_seeds)
+    rows = _run(jobs, args.workers)
+    runs = [{"models": {job.method.name: row for job, row in zip(jobs, rows) if job.seed == seed}} for seed in seeds]
+    wall = time.perf_counter() - started
+    lines = _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall)
+    _chart(methods, runs, teacher, args.results.with_suffix(".png"))
+    write("\n".join(lines) + "\n", args.results)
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="one seed, 60 steps per student, one sampling seed")
+    modes.add_argument("--smoke", action="store_true", help="the quickstart's smoke settings (seconds)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; 0 with --quick)")
+    parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel students")
+    parser.add_argument("--output-dir", type=Path, help="default runs/methods (runs/methods-quick with --quick)")
+    parser.add_argument("--results", type=Path,
+                        help="default benchmarks/results/methods.md; with --quick or --smoke OUTPUT_DIR/methods.md")
+    args = parser.parse_args()
+    mode = "-quick" if args.quick else "-smoke" if args.smoke else ""
+    args.output_dir = args.output_dir or Path(f"runs/methods{mode}")
+    args.results = args.results or (args.output_dir / "methods.md" if mode else RESULTS)
+    return args
+
+
+def _jobs(task: Task, methods: list[Method], seeds: list[int], sampling_seeds: tuple[int, ...]) -> list[Job]:
+    """One job per method and seed; the students' tokenizers and initial weights are written here, before any
+    worker starts, so that workers only read them."""
+    settings, jobs = task.settings, []
+    students = {cross: Students(task, cross) for cross in {method.cross_tokenizer for method in methods}}
+    for seed in seeds:
+        inits = {cross: group.initialisation(group.directory / f"student-init-seed{seed}", seed)
+                 for cross, group in students.items()}
+        for method in methods:
+            run = TrainingRun(method.objective, settings.student_steps, settings.student_learning_rate,
+                              settings.batch_size, method.source, settings.max_new_tokens, method.divergence)
+            group = students[method.cross_tokenizer]
+            directory = group.directory / f"seed{seed}" / _slug(method.name)
+            jobs.append(Job(method, seed, group, inits[method.cross_tokenizer], directory, run, sampling_seeds))
+    return jobs
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def _run(jobs: list[Job], workers: int) -> list[dict]:
+    order = sorted(range(len(jobs)), key=lambda i: -COST[jobs[i].method.source] - jobs[i].method.cross_tokenizer)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {i: pool.submit(train_and_score, jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
+def train_and_score(job: Job) -> dict:
+    """Trains one student (or reuses the one a previous run of the same job left) and scores it."""
+    torch.set_num_threads(1)
+    saved = job.directory / "benchmark_row.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("fingerprint") == job.fingerprint():
+        return json.loads(saved.read_text())["row"] | {"reused": True}
+    started = time.perf_counter()
+    history = job.students.train(job.directory, job.init_dir, job.run, job.seed)
+    task = job.students.task
+    teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(job.directory)
+    row = _scores(student, job.students.tokenizer, task, job.sampling_seeds)
+    row |= job.students.fidelity(teacher)(student) | training_summary(history)
+    row["job_seconds"] = time.perf_counter() - started
+    saved.write_text(json.dumps({"fingerprint": job.fingerprint(), "row": row}))
+    return row
+
+
+def _scores(model, tokenizer, task: Task, sampling_seeds: tuple[int, ...]) -> dict:
+    """Greedy exact match and ROUGE-L (as the quickstart) and the papers' sampled ROUGE-L, averaged over seeds."""
+    row = greedy_scores(model, tokenizer, task.eval_rows, task.settings.max_new_tokens)
+    prompts, references = [row["prompt"] for row in task.eval_rows], [row["response"] for row in task.eval_rows]
+    sampled = [rouge_l(sample_responses(model, tokenizer, prompts, Protocol(), seed), references)
+               for seed in sampling_seeds]
+    return row | {"sampled_rouge_l": statistics.mean(sampled)}
+
+
+def _teacher_scores(task: Task, sampling_seeds: tuple[int, ...]) -> dict:
+    teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
+    return _scores(teacher, task.teacher_tokenizer, task, sampling_seeds)
+
+
+def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall) -> list[str]:
+    same = [method.name for method in methods if not method.cross_tokenizer]
+    cross = [method.name for method in methods if method.cross_tokenizer]
+    flags = "--quick" if args.quick else "--smoke" if args.smoke else ""
+    lines = [
+        "# Every method on the quickstart task",
+        "",
+        f"`python benchmarks/methods.py {flags}`".replace(" `", "`") + f": seeds {seeds} (mean ± std over "
+        f"seeds), {settings.student_steps} steps per student, batch {settings.batch_size}; {args.workers} worker "
+        f"processes, one thread each; {_timing(runs, wall)}. Sampled ROUGE-L: the papers' protocol over "
+        f"sampling seeds {list(sampling_seeds)}.",
+        "",
+        "Every student: same initialisation per seed, same steps and data order, alpha_kd 0.5 (CE on the dataset's",
+        "responses), each method with its paper's divergence: forward KL unless named (GKD: generalized JSD β = 0.5;",
+        "DistiLLM: skew KL α = 0.1). Generating sources sample at temperature 1, up to "
+        f"{settings.max_new_tokens} new tokens: SeqKD (the",
+        "teacher writes), GKD (the student, λ = 0.5), DistiLLM (adaptive schedule, replay buffer), SKD (top-25),",
+        "SWITCH (τ0 = 0.3, λ = 0.1, exp). KL and top-1 agreement per response token on the held-out references",
+        "(cross-tokenizer: at ETA-aligned positions over the shared vocabulary); exact match and ROUGE-L on greedy",
+        "responses. Time per step relative to SFT with the same tokenizer, within each seed's run.",
+        "",
+        "## Same tokenizer",
+        "",
+        *(table(runs, same, "SFT", COLUMNS) if same else []),
+        "",
+        "## Different tokenizers (teacher: byte-level BPE; students: SentencePiece-style BPE)",
+        "",
+        *(table(runs, cross, "SFT, own tokenizer", COLUMNS) if "SFT, own tokenizer" in cross else []),
+        "",
+        f"Teacher: exact match {teacher['exact_match']:.1f}%, ROUGE-L {teacher['rouge_l']:.1f} greedy, "
+        f"{teacher['sampled_rouge_l']:.1f} sampled.",
+        "",
+        f"![every method]({args.results.with_suffix('.png').name})",
+    ]
+    return lines
+
+
+def _timing(runs: list[dict], wall: float) -> str:
+    rows = [row for run in runs for row in run["models"].values()]
+    reused = sum(row.get("reused", False) for row in rows)
+    text = f"students trained and scored in {sum(row['job_seconds'] for row in rows) / 60:.0f} CPU-min"
+    text += f", {wall / 60:.0f} min wall time"
+    return text + (f" (this invocation reused {reused} of {len(rows)} students from an earlier one)" if reused else "")
+
+
+def _chart(methods: list[Method], runs: list[dict], teacher: dict, path: Path) -> None:
+    """Horizontal bars (mean, std as error bar) of KL, greedy ROUGE-L and sampled ROUGE-L per method."""
+    panels = (("teacher_student_kl", "teacher→student KL ↓"), ("rouge_l", "ROUGE-L, greedy ↑"),
+              ("sampled_rouge_l", "ROUGE-L, sampled ↑"))
+    names = [method.name for method in methods]
+    colours = ["tab:orange" if method.cross_tokenizer else "tab:blue" for method in methods]
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 0.35 * len(names) + 1.5), sharey=True)
+    for axis, (key, title) in zip(axes, panels):
+        values = [[run["models"][name][key] for run in runs] for name in names]
+        means = [statistics.mean(v) for v in values]
+        spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        axis.barh(range(len(names)), means, xerr=spreads, color=colours, capsize=2)
+        if key in teacher:
+            axis.axvline(teacher[key], color="black", linestyle="--", linewidth=1, label="teacher")
+            axis.legend(loc="lower right")
+        axis.set_title(title)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    figure.suptitle("blue: same tokenizer; orange: the student has its own tokenizer (KL at aligned positions)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
