@@ -319,13 +319,14 @@ def _mean_and_std(per_seed: list[dict[str, float]]) -> dict[str, float]:
 
 def _fidelity_on_references(teacher, model, tokenizer, teacher_tokenizer, eval_set: EvalSet, protocol: Protocol):
     keep = protocol.max_prompt_length - 1  # room for a BOS token
-    rows = datasets.Dataset.from_list([
-        {"prompt": _last_tokens(prompt, tokenizer, keep), "response": references[0]}
+    bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
+    cross = not bridge.same_vocabulary
+    readers = (tokenizer, teacher_tokenizer) if cross else (tokenizer,)
+    rows = datasets.Dataset.from_list([  # the prompt's end that fits every reader's prompt budget
+        {"prompt": min((_last_tokens(prompt, reader, keep) for reader in readers), key=len), "response": references[0]}
         for prompt, references in zip(eval_set.prompts, eval_set.references) if references[0].strip()
     ])
     fmt = ExampleFormat(prompt_column="prompt", response_column="response")
-    bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
-    cross = not bridge.same_vocabulary
     tokenised = prepare_dataset(rows, tokenizer, fmt, protocol.max_prompt_length, protocol.max_length,
                                 drop_overlong_prompts=True, name=eval_set.name,
                                 teacher_tokenizer=teacher_tokenizer if cross else None)

@@ -14,7 +14,7 @@ from llmdistill.evaluation import (
     Protocol, final_number, gsm8k_exact_match, load_eval_set, rouge_l, rouge_l_best, sample_responses,
 )
 
-from conftest import SHARED_DATA, needs_shared_data, tiny_llama
+from conftest import SHARED_DATA, needs_shared_data, tiny_gpt2, tiny_llama
 
 PREDICTIONS = ["The cats were running quickly home.", "Paris is the capital.", "", "42 apples"]
 REFERENCES = ["A cat runs home quickly.", "The capital of France is Paris.", "Nothing here.", "There are 42 apples."]
@@ -120,3 +120,26 @@ def test_evaluation_during_training_reports_rouge_l_and_picks_the_best_checkpoin
     best = max(evaluations, key=lambda entry: entry["eval_rouge_l"])
     assert trainer.state.best_metric == best["eval_rouge_l"]
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+
+
+@needs_shared_data
+def test_fidelity_across_tokenizers_cuts_long_prompts_to_fit_both_readers(tmp_path, tokenizer, examples):
+    """Self-Instruct prompts are longer than the prompt budget; the teacher's tokenizer splits text into more tokens
+    than the student's, so a prompt cut to the student's budget alone would be too long for the teacher."""
+    from llmdistill.evaluation import evaluate_model
+    from llmdistill.quickstart.tokenizer import train_tokenizer
+
+    data = SHARED_DATA / "datasets" / "minillm-kd-eval" / "self-inst" / "valid.jsonl"
+    texts = [e["prompt"] + e["response"] for e in examples]
+    student_tokenizer = train_tokenizer(texts, vocab_size=300, family="sentencepiece")
+    prompts = load_eval_set(data, limit=3).prompts
+    assert all(len(tokenizer(p)["input_ids"]) > len(student_tokenizer(p)["input_ids"]) > 64 for p in prompts)
+    for directory, model, reader in ((tmp_path / "teacher", tiny_gpt2(len(tokenizer)), tokenizer),
+                                     (tmp_path / "student", tiny_llama(len(student_tokenizer)), student_tokenizer)):
+        model.save_pretrained(directory)
+        reader.save_pretrained(directory)
+    protocol = Protocol(max_prompt_length=64, max_length=96, temperature=0.0)
+    results = evaluate_model(tmp_path / "student", [data], tmp_path / "eval", tmp_path / "teacher", (10,), protocol,
+                             limit=3, progress=False)
+    row = results["datasets"]["self-inst"]
+    assert row["teacher_student_kl"] >= 0 and 0 <= row["top1_agreement"] <= 100
