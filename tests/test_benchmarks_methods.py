@@ -1,0 +1,43 @@
+"""benchmarks/methods.py and benchmarks/real_data.py on the smoke settings: the every-method comparison trains and
+scores each method it is given, writes its table and chart, and the real-data evaluation runs on its models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import needs_shared_data
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+METHODS = ["SFT", "KD (fkl)", "DSKD", "SWITCH", "SFT, own tokenizer", "DSKD-ETA"]
+
+
+def _run(script: str, *arguments: str) -> str:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@needs_shared_data
+def test_methods_benchmark_tables_every_method_it_trains_and_real_data_evaluates_them(tmp_path):
+    _run("methods.py", "--smoke", "--methods", *METHODS, "--output-dir", str(tmp_path))
+    table = (tmp_path / "methods.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in table
+    assert "| KD (rkl) |" not in table
+    assert "time per step vs SFT |" in table and "time per step vs SFT, own tokenizer |" in table
+    assert (tmp_path / "methods.png").stat().st_size > 10_000
+
+    _run("real_data.py", "--models-dir", str(tmp_path), "--limit", "1", "--seeds", "10", "--workers", "1",
+         "--results", str(tmp_path / "real_data.md"))
+    real = (tmp_path / "real_data.md").read_text()
+    assert "| dolly ROUGE-L ↑ |" in real and "gsm8k exact match % ↑" in real
+    assert "| DSKD-ETA (own tokenizer) |" in real
+
+
+def test_methods_benchmark_names_an_unknown_method():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "methods.py"), "--smoke", "--methods", "KD (xyz)"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "unknown ['KD (xyz)']" in result.stderr
