@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from .config import DistillConfig
 from .data import IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
+from .distributed import average_gradients_over_ranks
 from .losses import distill_loss_from_hidden
 from .models import LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
@@ -100,7 +101,7 @@ class DistillTrainer(Trainer):
                 shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))  # raises if unsafe
             self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
             if self.projectors is not None:
-                self.add_callback(_ZeroProjectorGradients(self.projectors))
+                self.add_callback(_ProjectorGradients(self.projectors))
         self._set_up_source(tokenizer, teacher_tokenizer)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
@@ -362,11 +363,15 @@ class _AdaptiveSchedule(TrainerCallback):
             self.source.observe_eval_loss(metrics["eval_loss"])
 
 
-class _ZeroProjectorGradients(TrainerCallback):
-    """After each optimizer step the Trainer zeroes the model's gradients; the projectors are not in the model."""
+class _ProjectorGradients(TrainerCallback):
+    """The projectors are not in the model, so neither DDP's gradient averaging nor the Trainer's zeroing reaches
+    them: average their gradients over the ranks before each optimizer step, and zero them after it."""
 
     def __init__(self, projectors: torch.nn.Module):
         self.projectors = projectors
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        average_gradients_over_ranks(self.projectors.parameters())
 
     def on_step_end(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import sum_over_ranks
 from ..losses import distill_loss_from_hidden, top1_from_hidden
 from ..models import LMHead
 from .cross_common import shared_vocabulary
@@ -169,7 +170,9 @@ def student_space_terms(
     )
     agreement = (projected_ce.student_top1 == targets).float()
     agreeing = agreement.sum()
-    per_agreeing = n / agreeing.clamp_min(1)  # L_kd_ts is a mean over the agreeing positions
+    # L_kd_ts is a mean over the agreeing positions of all ranks' micro-batches, like the other terms' token counts
+    all_positions, all_agreeing = sum_over_ranks(torch.stack([agreement.new_tensor(n), agreeing]))
+    per_agreeing = all_positions / all_agreeing.clamp_min(1)
     rows, weights = projected.detach(), agreement
     if student_index is not None:
         rows = projected.new_zeros(n, projected.shape[1]).index_copy_(0, student_index, rows)

@@ -1,0 +1,56 @@
+"""DDP through torchrun on CPU (gloo): two ranks with uneven supervised-token counts train the same student as one
+process over the same global batches, because the loss is normalised by the global token count (METHODS §1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_gpt2, tiny_llama
+
+RUNNER = Path(__file__).parent / "distributed_run.py"
+
+
+@pytest.fixture()
+def models_dir(tmp_path, tokenizer, examples) -> Path:
+    models = tmp_path / "models"
+    for name, model in (("teacher", tiny_gpt2(len(tokenizer))), ("student", tiny_llama(len(tokenizer)))):
+        model.save_pretrained(models / name)
+        tokenizer.save_pretrained(models / name)
+    rows = [{"prompt": e["prompt"], "response": e["response"]} for e in examples]
+    (models / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return models
+
+
+def _train(command: list[str], output_dir: Path) -> dict[str, torch.Tensor]:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return load_file(output_dir / "student" / "model.safetensors")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+@pytest.mark.parametrize("objective", ["vanilla", "dskd"])
+def test_ddp_on_two_cpu_ranks_equals_one_process_with_the_same_global_batch(
+    tmp_path, models_dir, objective, tokenizer, examples
+):
+    rank_tokens = [sum(len(tokenizer(e["response"])["input_ids"]) for e in examples[start : start + 2])
+                   for start in range(0, 16, 2)]  # step k: rows 4k, 4k+1 on rank 0 and 4k+2, 4k+3 on rank 1
+    assert all(rank_tokens[2 * k] != rank_tokens[2 * k + 1] for k in range(4))
+    single = _train([sys.executable, str(RUNNER), str(models_dir), str(tmp_path / "one"), "--batch-size", "4",
+                     "--objective", objective], tmp_path / "one")
+    ddp = _train(["torchrun", "--nproc_per_node", "2", "--standalone", str(RUNNER), str(models_dir),
+                  str(tmp_path / "two"), "--batch-size", "2", "--objective", objective], tmp_path / "two")
+    initial = load_file(models_dir / "student" / "model.safetensors")
+    assert single.keys() == ddp.keys()
+    for name in single:
+        assert not torch.equal(single[name], initial[name]), f"{name} did not train"
+        torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=1e-5, msg=lambda text: f"{name}: {text}")
