@@ -98,6 +98,20 @@ class SequenceSource:
         if self.buffer is not None:
             self.buffer.push(rows)
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to draw, replay and schedule exactly as an uninterrupted one."""
+        return {
+            "generator": self.generator.get_state(), "student_probability": self.student_probability,
+            "last_eval_loss": self._last_eval_loss, "buffer": list(self.buffer.rows) if self.buffer else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.student_probability, self._last_eval_loss = state["student_probability"], state["last_eval_loss"]
+        if self.buffer is not None:
+            self.buffer.rows.clear()
+            self.buffer.push(state["buffer"])
+
     def _uniform(self) -> float:
         return float(torch.rand((), generator=self.generator))
 

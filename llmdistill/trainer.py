@@ -18,12 +18,14 @@ from .losses import distill_loss_from_hidden
 from .models import LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
 from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
+from .objectives.dskd import DualSpaceProjectors
 from .evaluation import exact_match, rouge_l
 from .rollout import Intervention, Sampling, rollout
 from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
 from .vocab import VocabBridge, shared_vocab_size
 
 PROJECTORS_FILENAME = "projectors.safetensors"
+SOURCE_STATE_FILENAME = "sequence_source_rank{rank}.pt"
 
 
 class DistillTrainer(Trainer):
@@ -101,7 +103,7 @@ class DistillTrainer(Trainer):
                 shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))  # raises if unsafe
             self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
             if self.projectors is not None:
-                self.add_callback(_ProjectorGradients(self.projectors))
+                self.add_callback(_ProjectorUpkeep(self.projectors))
         self._set_up_source(tokenizer, teacher_tokenizer)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
@@ -345,6 +347,28 @@ class DistillTrainer(Trainer):
             if self.projectors is not None:
                 save_file(_contiguous(self.projectors.state_dict()), directory / PROJECTORS_FILENAME)
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Besides the Trainer's RNG states: this rank's sequence source (draws, replay buffer, p_SGO) and the
+        rollout's sampling generator."""
+        super()._save_rng_state(output_dir)
+        if self.sequence_source is not None:
+            state = {"source": self.sequence_source.state_dict(), "rollout": self.rollout_generator.get_state()}
+            torch.save(state, Path(output_dir) / SOURCE_STATE_FILENAME.format(rank=self.args.process_index))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None or self.sequence_source is None:
+            return
+        path = Path(checkpoint) / SOURCE_STATE_FILENAME.format(rank=self.args.process_index)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by a run with source={self.args.source!r} on this "
+                "many processes, so its draws, replay buffer and sampling state cannot be restored."
+            )
+        state = torch.load(path, weights_only=True)
+        self.sequence_source.load_state_dict(state["source"])
+        self.rollout_generator.set_state(state["rollout"])
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / PROJECTORS_FILENAME
@@ -363,15 +387,20 @@ class _AdaptiveSchedule(TrainerCallback):
             self.source.observe_eval_loss(metrics["eval_loss"])
 
 
-class _ProjectorGradients(TrainerCallback):
+class _ProjectorUpkeep(TrainerCallback):
     """The projectors are not in the model, so neither DDP's gradient averaging nor the Trainer's zeroing reaches
-    them: average their gradients over the ranks before each optimizer step, and zero them after it."""
+    them: average their gradients over the ranks before each optimizer step, and zero them after it. The step also
+    changed the student head, which the closed-form s2t projector is computed from."""
 
     def __init__(self, projectors: torch.nn.Module):
         self.projectors = projectors
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         average_gradients_over_ranks(self.projectors.parameters())
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if isinstance(self.projectors, DualSpaceProjectors):
+            self.projectors.head_changed()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)

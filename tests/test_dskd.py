@@ -183,6 +183,25 @@ def test_closed_form_s2t_is_recomputed_only_when_the_student_head_changes():
     torch.testing.assert_close(projectors.s2t.weight, 2 * expected.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_training_recomputes_the_closed_form_s2t_after_every_step_of_a_fused_optimizer(tmp_path, tokenizer, examples):
+    """The Trainer's default AdamW is fused, and a fused step leaves the head's version counter alone; the s2t used
+    by step 2 must still come from the head that step 1 produced."""
+    from transformers import TrainerCallback
+
+    heads = []
+
+    class KeepHead(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            heads.append(LMHead.of(model).weight.detach().clone())
+
+    trainer = make_trainer(tmp_path, tokenizer, examples, max_steps=2)
+    assert trainer.args.optim == "adamw_torch_fused"
+    trainer.add_callback(KeepHead())
+    trainer.train()
+    expected = DualSpaceProjectors(LMHead(heads[0]), LMHead.of(trainer.teacher), len(tokenizer), "v2", "closed_form")
+    torch.testing.assert_close(trainer.projectors.s2t.weight, expected.s2t.weight)
+
+
 def test_agreement_mask_and_logged_terms(tmp_path, tokenizer, examples):
     trainer = make_trainer(tmp_path, tokenizer, examples, max_steps=2)
     trainer.train()

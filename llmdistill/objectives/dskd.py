@@ -55,8 +55,13 @@ class DualSpaceProjectors(nn.Module):
         self._set_closed_form_s2t(student_head.weight, teacher_head.weight)
         self.s2t.weight.requires_grad_(s2t == "learned")
 
+    def head_changed(self) -> None:
+        """Called after each optimizer step: fused optimizers update the head without bumping its version counter."""
+        self._closed_form_key = None
+
     def refresh_s2t(self, student_weight: torch.Tensor, teacher_weight: torch.Tensor) -> None:
-        """Recompute the closed-form s2t if the student head changed since (an optimizer step bumps its version)."""
+        """Recompute the closed-form s2t if the student head changed since (`head_changed`, or an in-place update
+        that bumped its version)."""
         if self.version == "v2" and self.s2t_mode == "closed_form":
             if (student_weight.data_ptr(), student_weight._version) != self._closed_form_key:
                 self._set_closed_form_s2t(student_weight, teacher_weight)
