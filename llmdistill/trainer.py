@@ -469,8 +469,10 @@ def peak_memory_mb(device: torch.device | str) -> float:
 
 
 def distill(config: DistillConfig) -> DistillTrainer:
-    """Train the configured student and save it (plain HF folder + distill_config.yaml) to `output_dir`."""
+    """Train the configured student and save it (plain HF folder + distill_config.yaml) to `output_dir`;
+    `resume_from_checkpoint`: a checkpoint folder, or "last" for the newest one in `output_dir`."""
     trainer = DistillTrainer(args=config)
-    trainer.train()
+    resume = config.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     trainer.save_model()
     return trainer

@@ -3,6 +3,8 @@ position, DSKD's projectors and, for generating sources, the sampling generator,
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -73,3 +75,25 @@ def test_resuming_a_generating_run_from_a_checkpoint_without_its_source_state_sa
     on_policy = _trainer(tmp_path / "mixed", model_dirs, tokenizer, examples, objective="vanilla", source="mixed")
     with pytest.raises(FileNotFoundError, match="sequence_source_rank0.pt is missing.*source='mixed'"):
         on_policy.train(resume_from_checkpoint=str(tmp_path / "gt" / f"checkpoint-{KILLED_AT}"))
+
+
+def test_llmdistill_train_resumes_from_the_last_checkpoint(tmp_path, model_dirs, examples):
+    from llmdistill.trainer import distill
+
+    teacher_dir, student_dir = model_dirs
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e["prompt"], "response": e["response"]}) + "\n" for e in examples))
+    options = dict(
+        output_dir=str(tmp_path / "out"), student_model_name_or_path=str(student_dir),
+        teacher_model_name_or_path=str(teacher_dir), dataset_name_or_path=str(data), objective="dskd",
+        per_device_train_batch_size=4, save_strategy="steps", save_steps=KILLED_AT, report_to=[], use_cpu=True,
+        disable_tqdm=True,
+    )
+    distill(DistillConfig(**options, max_steps=KILLED_AT))
+    state_file = tmp_path / "out" / f"checkpoint-{KILLED_AT}" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].append({"marker": "from the checkpoint", "step": KILLED_AT})
+    state_file.write_text(json.dumps(state))
+    resumed = distill(DistillConfig(**options, max_steps=STEPS, resume_from_checkpoint="last"))
+    assert resumed.state.global_step == STEPS
+    assert {"marker": "from the checkpoint", "step": KILLED_AT} in resumed.state.log_history
