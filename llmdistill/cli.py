@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _train(arguments: list[str]) -> None:
     from .config import DistillConfig
+    from .distributed import end_distributed
     from .trainer import distill
 
     if "-h" in arguments or "--help" in arguments:
@@ -92,6 +93,7 @@ def _train(arguments: list[str]) -> None:
     has_file = bool(arguments) and not arguments[0].startswith("-")
     config_path, overrides = (arguments[0], arguments[1:]) if has_file else (None, arguments)
     distill(DistillConfig.from_yaml(config_path, overrides))
+    end_distributed()
 
 
 def _align(args: argparse.Namespace) -> None:

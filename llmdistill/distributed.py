@@ -32,3 +32,10 @@ def average_gradients_over_ranks(parameters) -> None:
                 parameter.grad = torch.zeros_like(parameter)
             torch.distributed.all_reduce(parameter.grad)
             parameter.grad /= size
+
+
+def end_distributed() -> None:
+    """Waits for every rank, then closes the process group (a gloo rank left open can abort at interpreter exit)."""
+    if world_size() > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 
 from llmdistill.config import DistillConfig
+from llmdistill.distributed import end_distributed
 from llmdistill.models import load_tokenizer
 from llmdistill.trainer import DistillTrainer
 
@@ -44,6 +45,7 @@ def main() -> None:
     trainer = DistillTrainer(args=config, train_dataset=rows, processing_class=load_tokenizer(str(models / "student")))
     trainer.train()
     trainer.save_model()
+    end_distributed()
 
 
 if __name__ == "__main__":
