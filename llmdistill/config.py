@@ -13,6 +13,7 @@ from .divergences import DIVERGENCES, validate_divergence
 from .objectives import CROSS_TOKENIZER, OBJECTIVES
 from .rollout import SCHEDULES, Intervention, Sampling
 from .sources import LOCK_STEP, RULE, SOURCES
+from .teacher_cache import CACHE_KINDS, TOPK_DIVERGENCES
 
 CONFIG_FILENAME = "distill_config.yaml"
 
@@ -144,6 +145,23 @@ class DistillConfig(TrainingArguments):
         default=0.2, metadata={"help": "source=mixture: tokens sampled from (1 - α)·student + α·teacher."}
     )
 
+    # Teacher cache (off-policy runs)
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of precomputed teacher signal: built from the teacher on the first run (train and eval "
+            "data), then read instead of running the teacher, which is never loaded again. source gt only."
+        },
+    )
+    teacher_cache_kind: str = field(
+        default="hidden",
+        metadata={
+            "help": "hidden: last hidden states + LM head (the exact loss; any same-vocabulary objective). topk: the "
+            "top teacher_cache_top_k log-probs at `temperature` (smaller; vanilla KD with fkl/jsd/skl/srkl/tvd)."
+        },
+    )
+    teacher_cache_top_k: int = field(default=64, metadata={"help": "teacher_cache_kind=topk: ids kept per position."})
+
     # Evaluation during training
     eval_generation_size: int = field(
         default=0,
@@ -162,6 +180,13 @@ class DistillConfig(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy: no, steps, epoch."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP: search the graph for parameters without a gradient after each forward. Every student "
+            "parameter takes part in the loss, so the search (and its per-run warning) is off."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -185,6 +210,7 @@ class DistillConfig(TrainingArguments):
                 f"model_dtype={self.model_dtype!r} is unknown: choose float32, bfloat16, float16 or auto."
             )
         self._check_source()
+        self._check_teacher_cache()
         if self.eval_generation_size < 0:
             raise ValueError(f"eval_generation_size={self.eval_generation_size} must be ≥ 0 (0 = loss only).")
         if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
@@ -212,6 +238,27 @@ class DistillConfig(TrainingArguments):
         if self.replay_buffer_size < 1:
             raise ValueError(f"replay_buffer_size={self.replay_buffer_size} must be ≥ 1.")
         self.intervention(), self.sampling()  # raise on bad generation settings now, not mid-training
+
+    def _check_teacher_cache(self) -> None:
+        if self.teacher_cache is None:
+            return
+        if self.teacher_cache_kind not in CACHE_KINDS:
+            raise ValueError(f"teacher_cache_kind={self.teacher_cache_kind!r} is unknown: choose hidden or topk.")
+        if not self.uses_teacher or self.source != "gt" or self.objective in CROSS_TOKENIZER:
+            raise ValueError(
+                "teacher_cache holds the teacher's signal on the dataset's own responses for one vocabulary: it needs "
+                f"source='gt' (not {self.source!r}), alpha_kd > 0 and a same-vocabulary objective (vanilla, dskd, "
+                f"dskd_v1; not {self.objective!r}). Unset teacher_cache for this run."
+            )
+        if self.teacher_cache_kind == "topk":
+            if self.objective != "vanilla" or self.divergence not in TOPK_DIVERGENCES:
+                raise ValueError(
+                    "teacher_cache_kind='topk' keeps only the teacher's top-k probabilities (p = 0 elsewhere): it "
+                    f"works with objective 'vanilla' and divergence {', '.join(TOPK_DIVERGENCES)} (got "
+                    f"{self.objective!r}, {self.divergence!r}). Use teacher_cache_kind='hidden' for the others."
+                )
+            if self.teacher_cache_top_k < 1:
+                raise ValueError(f"teacher_cache_top_k={self.teacher_cache_top_k} must be ≥ 1.")
 
     def intervention(self) -> Intervention:
         """Who writes each generated token under this source."""

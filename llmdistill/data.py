@@ -20,6 +20,7 @@ RESPONSE_COLUMNS = ("output", "completion", "response")
 PLAIN_CHAT_SUFFIX = "assistant: "
 MAX_LISTED_PROBLEMS = 5
 PAIR_COLUMNS = ("aligned_pairs", "mined_pairs")
+CACHE_INDEX_COLUMN = "cache_index"  # a row's place in the teacher cache (teacher_cache.py)
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +293,8 @@ class DistillCollator:
     """Right-pads `input_ids` (pad id) and `labels` (IGNORE_INDEX) to the longest row of the batch.
 
     Cross-tokenizer rows also carry `teacher_input_ids`/`teacher_labels` (padded with `teacher_pad_token_id`) and
-    token pairs (`aligned_pairs`, `mined_pairs`), padded with -1 to [B, K, 2].
+    token pairs (`aligned_pairs`, `mined_pairs`), padded with -1 to [B, K, 2]; rows of a teacher-cached run their
+    `cache_index`.
     """
 
     pad_token_id: int
@@ -308,6 +310,8 @@ class DistillCollator:
         for key in PAIR_COLUMNS:
             if key in features[0]:
                 batch[key] = _pad_pairs([feature[key] for feature in features])
+        if CACHE_INDEX_COLUMN in features[0]:
+            batch[CACHE_INDEX_COLUMN] = torch.tensor([feature[CACHE_INDEX_COLUMN] for feature in features])
         return batch
 
     def _pad_tokens(self, features, ids_key: str, labels_key: str, pad_token_id: int) -> dict[str, torch.Tensor]:

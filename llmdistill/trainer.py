@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from .config import DistillConfig
-from .data import IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
+from .data import CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
 from .distributed import average_gradients_over_ranks
 from .losses import distill_loss_from_hidden
 from .models import LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states
@@ -21,6 +21,10 @@ from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_
 from .objectives.dskd import DualSpaceProjectors
 from .evaluation import exact_match, rouge_l
 from .rollout import Intervention, Sampling, rollout
+from .teacher_cache import (
+    META_FILENAME as CACHE_META_FILENAME, CachedTeacher, TeacherCache, TopKHead, build_teacher_cache, config_fingerprint,
+    data_fingerprint, tokenizer_fingerprint,
+)
 from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
 from .vocab import VocabBridge, shared_vocab_size
 
@@ -78,6 +82,9 @@ class DistillTrainer(Trainer):
                 teacher_view,
             )
 
+        if args.teacher_cache and args.uses_teacher:
+            train_dataset = _with_cache_index(train_dataset, 0)
+            eval_dataset = _with_cache_index(eval_dataset, len(train_dataset))
         if isinstance(student, str):
             student = load_model(student, args.model_dtype, args.trust_remote_code)
         super().__init__(
@@ -94,19 +101,63 @@ class DistillTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
 
-        self.teacher, self.objective = None, None
+        self.teacher, self.objective, self.teacher_cache = None, None, None
         if args.uses_teacher:
-            if isinstance(teacher, str):
-                teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
-            self.teacher = freeze(teacher).to(self.args.device)
-            if args.objective not in CROSS_TOKENIZER:
-                shared_vocab_size(tokenizer, _head_rows(self.teacher), _head_rows(self.model))  # raises if unsafe
-            self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
-            if self.projectors is not None:
-                self.add_callback(_ProjectorUpkeep(self.projectors))
+            self._set_up_teacher(teacher, tokenizer, teacher_tokenizer)
         self._set_up_source(tokenizer, teacher_tokenizer)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
+
+    def _set_up_teacher(self, teacher, tokenizer, teacher_tokenizer) -> None:
+        """The frozen teacher (or, with `teacher_cache`, only what the cache cannot replace) and the objective."""
+        args = self.args
+        if args.teacher_cache:
+            self.teacher_cache = self._open_teacher_cache(teacher, teacher_tokenizer)
+            self._cached_head = self.teacher_cache.head(args.device)
+            self.teacher = CachedTeacher(self._cached_head) if self.teacher_cache.kind == "hidden" else None
+        else:
+            if isinstance(teacher, str):
+                teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
+            self.teacher = freeze(teacher).to(args.device)
+        if args.objective not in CROSS_TOKENIZER:
+            shared_vocab_size(tokenizer, self._teacher_head().weight.shape[0], _head_rows(self.model))  # raises if unsafe
+        self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
+        if self.projectors is not None:
+            self.add_callback(_ProjectorUpkeep(self.projectors))
+
+    def _open_teacher_cache(self, teacher, teacher_tokenizer) -> TeacherCache:
+        """Builds the cache on the first run (the main process first, from the teacher, which is then dropped) and
+        checks that it matches this run's data, teacher tokenizer and config, kind, k and temperature."""
+        args = self.args
+        splits = {"train": self.train_dataset} | ({"eval": self.eval_dataset} if self.eval_dataset is not None else {})
+        datasets = list(splits.values())
+        topk = args.teacher_cache_kind == "topk"
+        config = teacher.config if not isinstance(teacher, str) else AutoConfig.from_pretrained(
+            teacher, trust_remote_code=args.trust_remote_code
+        )
+        expected = {
+            "kind": args.teacher_cache_kind,
+            "top_k": args.teacher_cache_top_k if topk else None,
+            "temperature": args.temperature if topk else None,
+            "teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer),
+            "teacher_config": config_fingerprint(config),
+            **{f"{split}_data": data_fingerprint(dataset) for split, dataset in splits.items()},
+        }
+        directory = Path(args.teacher_cache)
+        with self.accelerator.main_process_first():
+            if not (directory / CACHE_META_FILENAME).is_file():
+                model = load_model(teacher, args.model_dtype, args.trust_remote_code) if isinstance(teacher, str) else teacher
+                build_teacher_cache(
+                    directory, freeze(model).to(args.device), datasets, _pad_id(teacher_tokenizer), args.teacher_cache_kind,
+                    args.teacher_cache_top_k, args.temperature, args.per_device_eval_batch_size, fingerprints=expected,
+                )
+                del model
+        cache = TeacherCache(directory)
+        cache.check(expected)
+        return cache
+
+    def _teacher_head(self) -> LMHead | TopKHead:
+        return LMHead.of(self.teacher) if self.teacher_cache is None else self._cached_head
 
     def _set_up_source(self, tokenizer, teacher_tokenizer) -> None:
         """The source of the KD sequences; on-policy ones get a sampling generator seeded per rank."""
@@ -161,7 +212,7 @@ class DistillTrainer(Trainer):
             self._record_values({"generated_batches_fraction": float(draw != "gt")})
             if self.sequence_source.name == "adaptive":
                 self._record_values({"student_generation_probability": self.sequence_source.student_probability})
-        alpha = self.args.alpha_kd if self.teacher is not None else 0.0  # SFT: CE at full weight
+        alpha = self.args.alpha_kd if self.objective is not None else 0.0  # SFT: CE at full weight
         if draw == "gt":
             output = self._objective_output(model, inputs, (1 - alpha) / denominator, alpha / denominator)
             ce_tokens = kd_tokens = gold_tokens
@@ -186,7 +237,7 @@ class DistillTrainer(Trainer):
         student_hidden = supervised_hidden_states(model, input_ids, inputs["attention_mask"], supervised)
         student_head = LMHead.of(self.accelerator.unwrap_model(model))
         labels = targets[supervised]
-        if self.teacher is None or kd_weight == 0:
+        if self.objective is None or kd_weight == 0:
             sums = distill_loss_from_hidden(
                 student_hidden, student_head, labels=labels, ce_weight=ce_weight, chunk_size=self.args.loss_chunk_size
             )
@@ -195,9 +246,15 @@ class DistillTrainer(Trainer):
         if self.objective.cross_tokenizer:
             return self.objective(self._cross_tokenizer_batch(student_hidden, student_head, inputs), **weights)
         if teacher_hidden is None:
-            with torch.no_grad():
-                teacher_hidden = supervised_hidden_states(self.teacher, input_ids, inputs["attention_mask"], supervised)
-        return self.objective(student_hidden, student_head, teacher_hidden, LMHead.of(self.teacher), labels, **weights)
+            teacher_hidden = self._teacher_signal(inputs, supervised)
+        return self.objective(student_hidden, student_head, teacher_hidden, self._teacher_head(), labels, **weights)
+
+    @torch.no_grad()
+    def _teacher_signal(self, inputs, supervised: torch.Tensor) -> torch.Tensor:
+        """The teacher's hidden states at the supervised positions (or the cache's top-k rows)."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.signal(inputs[CACHE_INDEX_COLUMN])
+        return supervised_hidden_states(self.teacher, inputs["input_ids"], inputs["attention_mask"], supervised)
 
     def _draw(self) -> str:
         if self.sequence_source is None:
@@ -262,7 +319,7 @@ class DistillTrainer(Trainer):
         CE is per gold token (not logged when no CE was computed), KD per token of the sequences it ran on."""
         if ce_tokens:
             self._record_values({"ce": output.ce.detach() / ce_tokens})
-        if self.teacher is not None:
+        if self.objective is not None:
             self._record_values({"kd": torch.as_tensor(output.kd).detach() / kd_tokens})
         self._record_values(output.metrics)
         if self.model.training:
@@ -404,6 +461,13 @@ class _ProjectorUpkeep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)
+
+
+def _with_cache_index(dataset, first: int):
+    """The rows numbered in order from `first`: their places in the teacher cache."""
+    if dataset is None or CACHE_INDEX_COLUMN in dataset.column_names:
+        return dataset
+    return dataset.add_column(CACHE_INDEX_COLUMN, list(range(first, first + len(dataset))))
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -31,10 +31,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True, help="per process")
     parser.add_argument("--objective", default="vanilla")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--source", default="gt")
     args = parser.parse_args()
     models = args.models_dir
     config = DistillConfig(
-        output_dir=str(args.output_dir / "student"), objective=args.objective, alpha_kd=0.5,
+        output_dir=str(args.output_dir / "student"), objective=args.objective, source=args.source, alpha_kd=0.5,
+        max_new_tokens=12,
         student_model_name_or_path=str(models / "student"), teacher_model_name_or_path=str(models / "teacher"),
         max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-2,
         lr_scheduler_type="constant", weight_decay=0.0, train_sampling_strategy="sequential", seed=0,

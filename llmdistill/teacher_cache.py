@@ -1,0 +1,196 @@
+"""Teacher cache for off-policy training: the teacher's signal at every supervised position, computed once.
+
+Two kinds:
+* `hidden`: the teacher's last hidden states [N, D] plus its LM head. Training from it computes exactly the loss of
+  the live teacher, for every same-vocabulary objective (DSKD included), without the teacher's layers in memory.
+* `topk`: the k largest log-probabilities at the capture temperature and their ids. Far smaller; the KD target
+  becomes the teacher distribution restricted to its top k ids and renormalised, p_k = p·1[top k] / Σ_top-k p.
+  Divergences that need p > 0 wherever q > 0 (rkl, akl) are refused with it.
+
+A cache folder holds `teacher_cache.json` (what it was built from), `head.safetensors` (hidden kind) and
+`signal.safetensors`: the training rows in order, then the evaluation rows. Each row carries its place there in a
+`cache_index` column; a run whose data, teacher tokenizer, teacher config, kind, k or temperature differ from the
+cache's is refused with the field that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .data import IGNORE_INDEX, DistillCollator
+from .models import LMHead, supervised_hidden_states
+
+CACHE_KINDS = ("hidden", "topk")
+TOPK_DIVERGENCES = ("fkl", "jsd", "skl", "srkl", "tvd")
+META_FILENAME = "teacher_cache.json"
+HEAD_FILENAME = "head.safetensors"
+SIGNAL_FILENAME = "signal.safetensors"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes when any token's id or the special tokens change."""
+    content = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
+    return _sha256(json.dumps(content, sort_keys=True, default=str))
+
+
+def config_fingerprint(config) -> str:
+    """The teacher's architecture and sizes (its `config.json` without paths or library versions)."""
+    values = {key: value for key, value in config.to_dict().items() if key not in ("_name_or_path", "transformers_version")}
+    return _sha256(json.dumps(values, sort_keys=True, default=str))
+
+
+def data_fingerprint(dataset) -> str:
+    """The tokenised rows the cache is aligned with (input ids and labels, in order)."""
+    digest = hashlib.sha256()
+    for row in dataset.select_columns(["input_ids", "labels"]).with_format("numpy"):
+        digest.update(row["input_ids"].astype("int64").tobytes())
+        digest.update(row["labels"].astype("int64").tobytes())
+    return digest.hexdigest()
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class TopKHead:
+    """Stands in for the teacher's LM head when the "hidden states" are packed top-k rows [N, 2k] (log-probabilities
+    at the capture temperature, then their ids, exact in float32 below 2**24): the logits are τ·log p at the top-k ids and -inf elsewhere, so the
+    loss's softmax(z/τ) is p_k, the renormalised top-k distribution."""
+
+    bias = None
+    softcap = None
+
+    def __init__(self, vocab_size: int, k: int, temperature: float):
+        self.k, self.temperature = k, temperature
+        self.weight = torch.empty(vocab_size, 2 * k, device="meta")  # only its shape is read
+
+    def linear(self, packed: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        values, ids = packed[:, : self.k].float(), packed[:, self.k :].long()
+        logits = values.new_full((len(packed), self.weight.shape[0]), float("-inf"))
+        logits.scatter_(1, ids, values * self.temperature)
+        return logits[:, :rows]
+
+    def logits(self, packed: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        return self.linear(packed, rows)
+
+    def detached(self) -> TopKHead:
+        return self
+
+
+class CachedTeacher(torch.nn.Module):
+    """What of the teacher a cached run keeps: its LM head (hidden kind), so that `LMHead.of` and the objectives'
+    set-up work unchanged; no decoder layer."""
+
+    def __init__(self, head: LMHead):
+        super().__init__()
+        rows, width = head.weight.shape
+        self.lm_head = torch.nn.Linear(width, rows, bias=head.bias is not None, device=head.weight.device,
+                                       dtype=head.weight.dtype)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(head.weight)
+            if head.bias is not None:
+                self.lm_head.bias.copy_(head.bias)
+        self.config = SimpleNamespace(final_logit_softcapping=head.softcap)
+        self.requires_grad_(False)
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.lm_head
+
+
+class TeacherCache:
+    """A built cache folder, read lazily (memory-mapped) split by split."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        path = self.directory / META_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {self.directory} is not a teacher cache.")
+        self.meta = json.loads(path.read_text())
+        self._file = self._offsets = None
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    def check(self, expected: dict) -> None:
+        """Raises naming the first recorded property that differs from this run's."""
+        for key, value in expected.items():
+            recorded = self.meta.get(key)
+            if recorded != value:
+                raise ValueError(
+                    f"teacher cache {self.directory} does not match this run: its {key} is {recorded!r}, the run's is "
+                    f"{value!r}. Point teacher_cache at a new folder (it is built on the first run) or delete this one."
+                )
+
+    def head(self, device) -> LMHead | TopKHead:
+        if self.kind == "topk":
+            return TopKHead(self.meta["vocab_size"], self.meta["top_k"], self.meta["temperature"])
+        with safe_open(self.directory / HEAD_FILENAME, framework="pt", device=str(device)) as file:
+            bias = file.get_tensor("bias") if "bias" in file.keys() else None
+            return LMHead(file.get_tensor("weight"), bias, self.meta["softcap"])
+
+    def signal(self, rows: torch.Tensor) -> torch.Tensor:
+        """The teacher signal at the supervised positions of cache rows `rows`, in order: hidden states [N, D], or
+        top-k rows packed as [N, 2k] for `TopKHead`."""
+        if self._file is None:
+            self._file = safe_open(self.directory / SIGNAL_FILENAME, framework="pt", device="cpu")
+            self._offsets = self._file.get_tensor("offsets").tolist()
+        pieces = [self._rows(self._offsets[row], self._offsets[row + 1]) for row in rows.tolist()]
+        return torch.cat(pieces).to(rows.device, non_blocking=True)
+
+    def _rows(self, start: int, end: int) -> torch.Tensor:
+        if self.kind == "hidden":
+            return self._file.get_slice("hidden")[start:end]
+        return torch.cat([self._file.get_slice(name)[start:end].float() for name in ("logprobs", "ids")], dim=1)
+
+
+@torch.no_grad()
+def build_teacher_cache(
+    directory: str | Path, teacher, datasets: list, pad_token_id: int, kind: str = "hidden", top_k: int = 64,
+    temperature: float = 1.0, batch_size: int = 8, fingerprints: dict | None = None,
+) -> TeacherCache:
+    """Runs the teacher once over the tokenised rows of `datasets` (cache rows numbered through them in order) and
+    writes the cache; returns it opened."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    head = LMHead.of(teacher)
+    collate = DistillCollator(pad_token_id)
+    device = head.weight.device
+    signal, counts = [], []
+    rows = [dataset[i] for dataset in datasets for i in range(len(dataset))]
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        supervised = batch["labels"][:, 1:] != IGNORE_INDEX
+        hidden = supervised_hidden_states(
+            teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device), supervised.to(device)
+        )
+        signal.append(hidden if kind == "hidden" else _top_k(head, hidden, top_k, temperature))
+        counts += supervised.sum(1).tolist()
+    tensors = {"hidden": torch.cat(signal)} if kind == "hidden" else {
+        "logprobs": torch.cat([values for values, _ in signal]), "ids": torch.cat([ids for _, ids in signal])
+    }
+    tensors["offsets"] = torch.tensor([0, *counts]).cumsum(0)
+    save_file({name: tensor.cpu().contiguous() for name, tensor in tensors.items()}, directory / SIGNAL_FILENAME)
+    if kind == "hidden":
+        head_tensors = {"weight": head.weight} | ({} if head.bias is None else {"bias": head.bias})
+        save_file({k: v.detach().cpu().contiguous() for k, v in head_tensors.items()}, directory / HEAD_FILENAME)
+    meta = {
+        "kind": kind, "top_k": top_k if kind == "topk" else None, "temperature": temperature if kind == "topk" else None,
+        "vocab_size": head.weight.shape[0], "softcap": head.softcap, **(fingerprints or {}),
+    }
+    (directory / META_FILENAME).write_text(json.dumps(meta, indent=1))
+    return TeacherCache(directory)
+
+
+def _top_k(head: LMHead, hidden: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """The k largest log-probabilities at `temperature` [N, k] (computed in float64, kept in float32) and their ids."""
+    logprobs = torch.log_softmax(head.logits(hidden).double() / temperature, dim=-1)
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return values.float(), ids.int()
