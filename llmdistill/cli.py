@@ -56,7 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--text", help="the text to tokenise")
     source.add_argument("--file", type=Path, help="a UTF-8 text file to tokenise")
     align.add_argument("--json", action="store_true", help="print the tokens, pairs and coverage as JSON")
+    merge = commands.add_parser("merge", help="fold a trained LoRA adapter into its base model: a plain HF folder")
+    merge.add_argument("adapter", help="the adapter folder a use_peft run saved")
+    merge.add_argument("output", help="where the merged model and its tokenizer go")
     args = parser.parse_args(argv)
+    if args.command == "merge":
+        from .models import merge_adapter
+
+        print(f"merged model written to {merge_adapter(args.adapter, args.output)}")
+        return
     if args.command == "align":
         _align(args)
         return

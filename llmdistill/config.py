@@ -44,6 +44,20 @@ class DistillConfig(TrainingArguments):
         metadata={"help": "dtype to load both models in: float32, bfloat16, float16 or auto (the checkpoint's)."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters on the student (needs the peft extra); the output is the adapter."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt; by default every linear layer except the LM head."}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full beside the adapters (e.g. lm_head); the LM head stays frozen otherwise."},
+    )
 
     # Data
     dataset_name_or_path: str | None = field(
@@ -205,6 +219,11 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"projector_learning_rate={self.projector_learning_rate} must be > 0.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be ≥ 1, or unset to choose automatically.")
+        if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+            raise ValueError(
+                f"LoRA needs lora_r ≥ 1 (got {self.lora_r}), lora_alpha > 0 (got {self.lora_alpha}) and lora_dropout "
+                f"in [0, 1) (got {self.lora_dropout})."
+            )
         if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(
                 f"model_dtype={self.model_dtype!r} is unknown: choose float32, bfloat16, float16 or auto."
@@ -259,6 +278,19 @@ class DistillConfig(TrainingArguments):
                 )
             if self.teacher_cache_top_k < 1:
                 raise ValueError(f"teacher_cache_top_k={self.teacher_cache_top_k} must be ≥ 1.")
+
+    def lora_config(self):
+        """peft's LoraConfig for `use_peft`, else None."""
+        if not self.use_peft:
+            return None
+        try:
+            from peft import LoraConfig
+        except ImportError as error:
+            raise ImportError("use_peft needs peft: pip install 'llmdistill[peft]'.") from error
+        return LoraConfig(
+            task_type="CAUSAL_LM", r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules or "all-linear", modules_to_save=self.lora_modules_to_save,
+        )
 
     def intervention(self) -> Intervention:
         """Who writes each generated token under this source."""

@@ -34,6 +34,39 @@ def average_gradients_over_ranks(parameters) -> None:
             parameter.grad /= size
 
 
+def is_sharded(model) -> bool:
+    """Whether the model's parameters are split over the ranks (FSDP2, DeepSpeed ZeRO-3): each forward pass then
+    gathers them, so every rank must run the same number of forward passes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules()) or any(
+        hasattr(parameter, "ds_id") for parameter in model.parameters()
+    )
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every rank (one scalar all-reduce)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def shard_frozen(model, mesh=None):
+    """FSDP2 for an inference-only model (the teacher): each decoder layer and the rest sharded over the ranks and
+    gathered only for its forward pass, but the LM head whole on every rank, since the loss reads its weight."""
+    from torch.distributed.fsdp import fully_shard
+
+    head = set(model.get_output_embeddings().parameters())
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=head)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=head)
+    return model
+
+
 def end_distributed() -> None:
     """Waits for every rank, then closes the process group (a gloo rank left open can abort at interpreter exit)."""
     if world_size() > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,29 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     return AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     )
+
+
+def with_adapter(model: PreTrainedModel, peft_config):
+    """The model with trainable LoRA (or other peft) adapters; its own weights frozen."""
+    try:
+        from peft import get_peft_model
+    except ImportError as error:
+        raise ImportError("a peft_config needs peft: pip install 'llmdistill[peft]'.") from error
+    return get_peft_model(model, peft_config)
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, trust_remote_code: bool = False) -> Path:
+    """Folds a saved adapter into its base model and writes a plain HF folder (weights, config, tokenizer)."""
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError as error:
+        raise ImportError("merging an adapter needs peft: pip install 'llmdistill[peft]'.") from error
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: it is not a saved adapter.")
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
+    model.merge_and_unload().save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(output_dir)
+    return Path(output_dir)
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel, StaticCache
 
+from .distributed import all_ranks, is_sharded
 from .divergences import divergence_per_position
 
 RULES = ("student", "teacher", "switch", "skd", "mixture")
@@ -105,6 +106,7 @@ def rollout(
         raise ValueError("prompts must be left-padded (every row's last position a real token): set padding_side='left'.")
     if teacher is None and intervention.rule != "student":
         raise ValueError(f"rule {intervention.rule!r} needs the teacher's next-token distribution: pass the teacher.")
+    lockstep = is_sharded(student) or (teacher is not None and is_sharded(teacher))
     students = _Decoder(student, input_ids, attention_mask, sampling.max_new_tokens)
     teachers = _Decoder(teacher, input_ids, attention_mask, sampling.max_new_tokens) if teacher is not None else None
     finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
@@ -121,7 +123,8 @@ def rollout(
         if teachers is not None:
             teacher_hidden.append(teachers.hidden)
         finished = finished | (token == eos_token_id)
-        if bool(finished.all()):
+        # sharded models gather their weights in every forward: a rank that stopped early would hang the others
+        if all_ranks(bool(finished.all())) if lockstep else bool(finished.all()):
             break
         for decoder in (students, teachers):
             if decoder is not None:

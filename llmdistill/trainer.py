@@ -9,13 +9,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 
 from .config import DistillConfig
 from .data import CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
-from .distributed import average_gradients_over_ranks
+from .distributed import average_gradients_over_ranks, shard_frozen
 from .losses import distill_loss_from_hidden
-from .models import LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states
+from .models import (
+    LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states, with_adapter,
+)
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
 from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
 from .objectives.dskd import DualSpaceProjectors
@@ -50,6 +52,7 @@ class DistillTrainer(Trainer):
         teacher_processing_class: PreTrainedTokenizerBase | None = None,
         data_collator=None,
         student: PreTrainedModel | str | None = None,
+        peft_config=None,
         **kwargs,
     ):
         if not isinstance(args, DistillConfig):
@@ -87,6 +90,10 @@ class DistillTrainer(Trainer):
             eval_dataset = _with_cache_index(eval_dataset, len(train_dataset))
         if isinstance(student, str):
             student = load_model(student, args.model_dtype, args.trust_remote_code)
+        peft_config = peft_config or args.lora_config()
+        if peft_config is not None:
+            set_seed(args.seed)  # the adapters' initialisation
+            student = with_adapter(student, peft_config)
         super().__init__(
             model=student,
             args=args,
@@ -101,6 +108,9 @@ class DistillTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
 
+        self._head_gradients = None
+        if self.is_fsdp_enabled:
+            self._keep_head_whole_under_fsdp()
         self.teacher, self.objective, self.teacher_cache = None, None, None
         if args.uses_teacher:
             self._set_up_teacher(teacher, tokenizer, teacher_tokenizer)
@@ -119,11 +129,31 @@ class DistillTrainer(Trainer):
             if isinstance(teacher, str):
                 teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
             self.teacher = freeze(teacher).to(args.device)
+            if self.is_fsdp_enabled:
+                shard_frozen(self.teacher)
         if args.objective not in CROSS_TOKENIZER:
             shared_vocab_size(tokenizer, self._teacher_head().weight.shape[0], _head_rows(self.model))  # raises if unsafe
         self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
         if self.projectors is not None:
-            self.add_callback(_ProjectorUpkeep(self.projectors))
+            self.add_callback(_ProjectorUpkeep(self.projectors, head_trains=LMHead.of(self.model).weight.requires_grad))
+
+    def _keep_head_whole_under_fsdp(self) -> None:
+        """The loss reads the student's LM head weight outside the model's forward, where FSDP would hold only a
+        shard of it: leave the head out of the shards and average its gradient over the ranks ourselves."""
+        if not self.accelerator.is_fsdp2:
+            raise ValueError(
+                "DistillTrainer supports FSDP version 2 (torch fully_shard): set fsdp_version: 2 in the accelerate "
+                "config (see configs/accelerate/fsdp2.yaml)."
+            )
+        head = self.model.get_output_embeddings()
+        self.accelerator.state.fsdp_plugin.ignored_modules = [head]
+        self._head_gradients = _AverageGradients(list(head.parameters()))
+        self.add_callback(self._head_gradients)
+
+    def _clip_grad_norm(self, model):
+        if self._head_gradients is not None:
+            self._head_gradients.average()  # every rank must clip by the same norm
+        return super()._clip_grad_norm(model)
 
     def _open_teacher_cache(self, teacher, teacher_tokenizer) -> TeacherCache:
         """Builds the cache on the first run (the main process first, from the teacher, which is then dropped) and
@@ -444,19 +474,39 @@ class _AdaptiveSchedule(TrainerCallback):
             self.source.observe_eval_loss(metrics["eval_loss"])
 
 
+class _AverageGradients(TrainerCallback):
+    """Parameters outside FSDP's shards: their gradients averaged over the ranks once per optimizer step, before
+    gradient clipping reads them (`DistillTrainer._clip_grad_norm`) or, without clipping, before the step."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter]):
+        self.parameters, self.pending = parameters, True
+
+    def average(self) -> None:
+        if self.pending:
+            average_gradients_over_ranks(self.parameters)
+            self.pending = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.average()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.pending = True
+
+
 class _ProjectorUpkeep(TrainerCallback):
     """The projectors are not in the model, so neither DDP's gradient averaging nor the Trainer's zeroing reaches
     them: average their gradients over the ranks before each optimizer step, and zero them after it. The step also
-    changed the student head, which the closed-form s2t projector is computed from."""
+    changed the student head, which the closed-form s2t projector is computed from, unless the head is frozen (LoRA):
+    then s2t is computed once."""
 
-    def __init__(self, projectors: torch.nn.Module):
-        self.projectors = projectors
+    def __init__(self, projectors: torch.nn.Module, head_trains: bool):
+        self.projectors, self.head_trains = projectors, head_trains
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         average_gradients_over_ranks(self.projectors.parameters())
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if isinstance(self.projectors, DualSpaceProjectors):
+        if self.head_trains and isinstance(self.projectors, DualSpaceProjectors):
             self.projectors.head_changed()
 
     def on_step_end(self, args, state, control, **kwargs):

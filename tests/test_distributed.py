@@ -30,10 +30,15 @@ def models_dir(tmp_path, tokenizer, examples) -> Path:
     return models
 
 
-def _train(command: list[str], output_dir: Path) -> dict[str, torch.Tensor]:
+def _run(command: list[str], output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _train(command: list[str], output_dir: Path) -> dict[str, torch.Tensor]:
+    _run(command, output_dir)
     return load_file(output_dir / "student" / "model.safetensors")
 
 
@@ -54,3 +59,25 @@ def test_ddp_on_two_cpu_ranks_equals_one_process_with_the_same_global_batch(
     for name in single:
         assert not torch.equal(single[name], initial[name]), f"{name} did not train"
         torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=1e-5, msg=lambda text: f"{name}: {text}")
+
+
+FSDP2_RUNNER = Path(__file__).parent / "fsdp2_run.py"
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+@pytest.mark.parametrize("objective", ["vanilla", "dskd"])
+def test_fsdp2_sharded_pair_on_two_cpu_ranks_equals_one_process_and_generates_without_hanging(
+    tmp_path, models_dir, objective
+):
+    single = tmp_path / "one"
+    _run([sys.executable, str(FSDP2_RUNNER), str(models_dir), str(single), "--objective", objective], single)
+    sharded = tmp_path / "two"
+    _run(["torchrun", "--nproc_per_node", "2", "--standalone", str(FSDP2_RUNNER), str(models_dir), str(sharded),
+          "--objective", objective], sharded)
+    expected, actual = load_file(single / "student.safetensors"), load_file(sharded / "student.safetensors")
+    initial = load_file(models_dir / "student" / "model.safetensors")
+    for name in expected:
+        assert not torch.equal(expected[name], initial[name]), f"{name} did not train"
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5, msg=lambda text: f"{name}: {text}")
+    lengths = [json.loads((sharded / f"generated_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert lengths == [[1], [6]], "rank 0 stops after one token while rank 1 generates six, in lock step"
