@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 
 from .config import DistillConfig
@@ -111,6 +112,12 @@ class DistillTrainer(Trainer):
         self._head_gradients = None
         if self.is_fsdp_enabled:
             self._keep_head_whole_under_fsdp()
+        if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "DeepSpeed ZeRO-3 partitions the student's LM head, whose full weight the distillation loss reads "
+                "outside the model's forward: shard with FSDP2 instead (configs/accelerate/fsdp2.yaml keeps the head "
+                "whole and shards the rest), or use ZeRO-2 (configs/accelerate/zero2.yaml)."
+            )
         self.teacher, self.objective, self.teacher_cache = None, None, None
         if args.uses_teacher:
             self._set_up_teacher(teacher, tokenizer, teacher_tokenizer)
@@ -134,6 +141,12 @@ class DistillTrainer(Trainer):
         if args.objective not in CROSS_TOKENIZER:
             shared_vocab_size(tokenizer, self._teacher_head().weight.shape[0], _head_rows(self.model))  # raises if unsafe
         self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
+        if self.projectors is not None and self.is_deepspeed_enabled:
+            raise ValueError(
+                f"objective {args.objective!r} trains projectors beside the student, which DeepSpeed's ZeRO optimizer "
+                "cannot hold (it only takes the model's own parameters): run it with DDP or FSDP2 "
+                "(configs/accelerate/ddp.yaml, fsdp2.yaml), or choose an objective without projectors under DeepSpeed."
+            )
         if self.projectors is not None:
             self.add_callback(_ProjectorUpkeep(self.projectors, head_trains=LMHead.of(self.model).weight.requires_grad))
 

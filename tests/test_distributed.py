@@ -1,8 +1,10 @@
-"""DDP through torchrun on CPU (gloo): two ranks with uneven supervised-token counts train the same student as one
-process over the same global batches, because the loss is normalised by the global token count (METHODS §1)."""
+"""Two CPU ranks (gloo) with uneven supervised-token counts train the same student as one process over the same
+global batches, because the loss is normalised by the global token count (METHODS §1): DDP through torchrun, DeepSpeed
+ZeRO-2 through accelerate launch, and FSDP2's sharded teacher and student (torch fully_shard; see fsdp2_run.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -81,3 +83,22 @@ def test_fsdp2_sharded_pair_on_two_cpu_ranks_equals_one_process_and_generates_wi
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5, msg=lambda text: f"{name}: {text}")
     lengths = [json.loads((sharded / f"generated_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert lengths == [[1], [6]], "rank 0 stops after one token while rank 1 generates six, in lock step"
+
+
+ZERO2_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "zero2.yaml"
+
+
+def _zero2(models_dir: Path, output_dir: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO2_CONFIG),
+            "--mixed_precision", "no", "--num_processes", "2", str(RUNNER), str(models_dir), str(output_dir),
+            "--batch-size", "2", *options]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_zero2_on_two_cpu_ranks_equals_one_process_and_runs_on_policy(tmp_path, models_dir):
+    single = _train([sys.executable, str(RUNNER), str(models_dir), str(tmp_path / "one"), "--batch-size", "4"],
+                    tmp_path / "one")
+    zero2 = _train(_zero2(models_dir, tmp_path / "two"), tmp_path / "two")
+    for name in single:
+        torch.testing.assert_close(zero2[name], single[name], rtol=0, atol=1e-5, msg=lambda text: f"{name}: {text}")
+    _train(_zero2(models_dir, tmp_path / "mixed", "--source", "mixed"), tmp_path / "mixed")
