@@ -60,9 +60,9 @@ def _sha256(text: str) -> str:
 
 
 class TopKHead:
-    """Stands in for the teacher's LM head when the "hidden states" are packed top-k rows [N, 2k] (log-probabilities
-    at the capture temperature, then their ids, exact in float32 below 2**24): the logits are τ·log p at the top-k ids and -inf elsewhere, so the
-    loss's softmax(z/τ) is p_k, the renormalised top-k distribution."""
+    """Stands in for the teacher's LM head when the "hidden states" are packed top-k rows [N, 2k]: log-probabilities
+    at the capture temperature, then their ids (exact in float32 below 2**24). The logits are τ·log p at the top-k ids
+    and -inf elsewhere, so the loss's softmax(z/τ) is p_k, the renormalised top-k distribution."""
 
     bias = None
     softcap = None

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .config import DistillConfig
-from .data import CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
+from .data import (
+    CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
+)
 from .distributed import average_gradients_over_ranks, shard_frozen
 from .losses import distill_loss_from_hidden
 from .models import (
@@ -24,11 +26,11 @@ from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_
 from .objectives.dskd import DualSpaceProjectors
 from .evaluation import exact_match, rouge_l
 from .rollout import Intervention, Sampling, rollout
+from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
 from .teacher_cache import (
     META_FILENAME as CACHE_META_FILENAME, CachedTeacher, TeacherCache, TopKHead, build_teacher_cache, config_fingerprint,
     data_fingerprint, tokenizer_fingerprint,
 )
-from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
 from .vocab import VocabBridge, shared_vocab_size
 
 PROJECTORS_FILENAME = "projectors.safetensors"
@@ -138,8 +140,8 @@ class DistillTrainer(Trainer):
             self.teacher = freeze(teacher).to(args.device)
             if self.is_fsdp_enabled:
                 shard_frozen(self.teacher)
-        if args.objective not in CROSS_TOKENIZER:
-            shared_vocab_size(tokenizer, self._teacher_head().weight.shape[0], _head_rows(self.model))  # raises if unsafe
+        if args.objective not in CROSS_TOKENIZER:  # raises if unsafe
+            shared_vocab_size(tokenizer, self._teacher_head().weight.shape[0], _head_rows(self.model))
         self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
         if self.projectors is not None and self.is_deepspeed_enabled:
             raise ValueError(
@@ -148,7 +150,8 @@ class DistillTrainer(Trainer):
                 "(configs/accelerate/ddp.yaml, fsdp2.yaml), or choose an objective without projectors under DeepSpeed."
             )
         if self.projectors is not None:
-            self.add_callback(_ProjectorUpkeep(self.projectors, head_trains=LMHead.of(self.model).weight.requires_grad))
+            head_trains = LMHead.of(self.model).weight.requires_grad
+            self.add_callback(_ProjectorUpkeep(self.projectors, head_trains))
 
     def _keep_head_whole_under_fsdp(self) -> None:
         """The loss reads the student's LM head weight outside the model's forward, where FSDP would hold only a
@@ -173,7 +176,6 @@ class DistillTrainer(Trainer):
         checks that it matches this run's data, teacher tokenizer and config, kind, k and temperature."""
         args = self.args
         splits = {"train": self.train_dataset} | ({"eval": self.eval_dataset} if self.eval_dataset is not None else {})
-        datasets = list(splits.values())
         topk = args.teacher_cache_kind == "topk"
         config = teacher.config if not isinstance(teacher, str) else AutoConfig.from_pretrained(
             teacher, trust_remote_code=args.trust_remote_code
@@ -189,12 +191,13 @@ class DistillTrainer(Trainer):
         directory = Path(args.teacher_cache)
         with self.accelerator.main_process_first():
             if not (directory / CACHE_META_FILENAME).is_file():
-                model = load_model(teacher, args.model_dtype, args.trust_remote_code) if isinstance(teacher, str) else teacher
+                if isinstance(teacher, str):
+                    teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
                 build_teacher_cache(
-                    directory, freeze(model).to(args.device), datasets, _pad_id(teacher_tokenizer), args.teacher_cache_kind,
-                    args.teacher_cache_top_k, args.temperature, args.per_device_eval_batch_size, fingerprints=expected,
+                    directory, freeze(teacher).to(args.device), list(splits.values()), _pad_id(teacher_tokenizer),
+                    args.teacher_cache_kind, args.teacher_cache_top_k, args.temperature,
+                    args.per_device_eval_batch_size, fingerprints=expected,
                 )
-                del model
         cache = TeacherCache(directory)
         cache.check(expected)
         return cache
