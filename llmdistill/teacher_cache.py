@@ -91,14 +91,11 @@ class CachedTeacher(torch.nn.Module):
     def __init__(self, head: LMHead):
         super().__init__()
         rows, width = head.weight.shape
-        self.lm_head = torch.nn.Linear(width, rows, bias=head.bias is not None, device=head.weight.device,
-                                       dtype=head.weight.dtype)
-        with torch.no_grad():
-            self.lm_head.weight.copy_(head.weight)
-            if head.bias is not None:
-                self.lm_head.bias.copy_(head.bias)
+        self.lm_head = torch.nn.Linear(width, rows, bias=head.bias is not None, device="meta")
+        self.lm_head.weight = torch.nn.Parameter(head.weight, requires_grad=False)  # the same memory, not a copy
+        if head.bias is not None:
+            self.lm_head.bias = torch.nn.Parameter(head.bias, requires_grad=False)
         self.config = SimpleNamespace(final_logit_softcapping=head.softcap)
-        self.requires_grad_(False)
 
     def get_output_embeddings(self) -> torch.nn.Linear:
         return self.lm_head
