@@ -53,9 +53,10 @@ def all_ranks(flag: bool) -> bool:
     return bool(value.item())
 
 
-def shard_frozen(model, mesh=None):
-    """FSDP2 for an inference-only model (the teacher): each decoder layer and the rest sharded over the ranks and
-    gathered only for its forward pass, but the LM head whole on every rank, since the loss reads its weight."""
+def shard_keeping_head_whole(model, mesh=None):
+    """FSDP2: each decoder layer and the rest sharded over the ranks and gathered only for its forward pass, but the
+    LM head whole on every rank, since the loss reads its weight outside the forward. The trainer shards the frozen
+    teacher with it; a trained model's head gradient is then the caller's to average over the ranks."""
     from torch.distributed.fsdp import fully_shard
 
     head = set(model.get_output_embeddings().parameters())

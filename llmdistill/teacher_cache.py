@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .data import IGNORE_INDEX, DistillCollator
+from .losses import default_chunk_size
 from .models import LMHead, supervised_hidden_states
 
 CACHE_KINDS = ("hidden", "topk")
@@ -102,7 +103,7 @@ class CachedTeacher(torch.nn.Module):
 
 
 class TeacherCache:
-    """A built cache folder, read lazily (memory-mapped) split by split."""
+    """A built cache folder; its signal file is opened memory-mapped on first use and read row by row."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -186,8 +187,14 @@ def build_teacher_cache(
     return TeacherCache(directory)
 
 
-def _top_k(head: LMHead, hidden: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
-    """The k largest log-probabilities at `temperature` [N, k] (computed in float64, kept in float32) and their ids."""
-    logprobs = torch.log_softmax(head.logits(hidden).double() / temperature, dim=-1)
-    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-    return values.float(), ids.int()
+def _top_k(head: LMHead, hidden: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest log-probabilities at `temperature` [N, k] (computed in float64, kept in float32) and their ids,
+    a chunk of positions at a time: a batch's [N, V] float64 logits would be gigabytes with a 152k vocabulary."""
+    chunk = default_chunk_size(head.weight.shape[0])
+    values, ids = [], []
+    for start in range(0, len(hidden), chunk):
+        logprobs = torch.log_softmax(head.logits(hidden[start : start + chunk]).double() / temperature, dim=-1)
+        top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        values.append(top.values.float())
+        ids.append(top.indices.int())
+    return torch.cat(values), torch.cat(ids)

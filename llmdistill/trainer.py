@@ -16,7 +16,7 @@ from .config import DistillConfig
 from .data import (
     CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
 )
-from .distributed import average_gradients_over_ranks, shard_frozen
+from .distributed import average_gradients_over_ranks, shard_keeping_head_whole
 from .losses import distill_loss_from_hidden
 from .models import (
     LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states, with_adapter,
@@ -139,7 +139,7 @@ class DistillTrainer(Trainer):
                 teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
             self.teacher = freeze(teacher).to(args.device)
             if self.is_fsdp_enabled:
-                shard_frozen(self.teacher)
+                shard_keeping_head_whole(self.teacher)
         if args.objective not in CROSS_TOKENIZER:  # raises if unsafe
             shared_vocab_size(tokenizer, self._teacher_head().weight.shape[0], _head_rows(self.model))
         self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)

@@ -4,8 +4,8 @@ multi-process CPU run is its MULTI_CPU type, which takes DDP). Run by tests/test
     python tests/fsdp2_run.py MODELS_DIR OUTPUT_DIR --objective dskd                       # one process
     torchrun --nproc_per_node 2 tests/fsdp2_run.py MODELS_DIR OUTPUT_DIR --objective dskd  # two sharded ranks
 
-It trains as DistillTrainer does under FSDP2: the teacher sharded by `shard_frozen` (its LM head whole), the student
-sharded per decoder layer with its LM head left whole (the trainer asks accelerate to leave it out of the shards),
+It trains as DistillTrainer does under FSDP2: the teacher and the student sharded per decoder layer by
+`shard_keeping_head_whole`, both LM heads whole (for the student, the trainer asks accelerate for the same layout),
 the loss normalised by the global supervised-token count, the head's and projectors' gradients averaged over the
 ranks. Each of the 3 steps takes the next 4 rows; with two ranks, rank r takes 2 of them. The student is written
 to OUTPUT_DIR/student.safetensors. Then both ranks generate with the sharded models, rank 0 stopping after one
@@ -22,25 +22,18 @@ from pathlib import Path
 import datasets
 import torch
 from safetensors.torch import save_file
-from torch.distributed.fsdp import fully_shard
 
 from llmdistill.config import DistillConfig
 from llmdistill.data import IGNORE_INDEX, DistillCollator, prepare_dataset, resolve_format
-from llmdistill.distributed import average_gradients_over_ranks, end_distributed, shard_frozen, sum_over_ranks, world_size
+from llmdistill.distributed import (
+    average_gradients_over_ranks, end_distributed, shard_keeping_head_whole, sum_over_ranks, world_size,
+)
 from llmdistill.models import LMHead, freeze, load_model, load_tokenizer, supervised_hidden_states
 from llmdistill.objectives import OBJECTIVES
 from llmdistill.rollout import Intervention, Sampling, rollout
 from llmdistill.sources import left_padded_prompts
 
 STEPS, GLOBAL_BATCH, NEW_TOKENS = 3, 4, 6
-
-
-def shard_student(student):
-    """As accelerate's FSDP2 preparation with the head among the ignored modules."""
-    head = set(student.get_output_embeddings().parameters())
-    for layer in student.model.layers:
-        fully_shard(layer, reshard_after_forward=True, ignored_params=head)
-    fully_shard(student, reshard_after_forward=True, ignored_params=head)
 
 
 def main() -> None:
@@ -61,8 +54,8 @@ def main() -> None:
     objective = OBJECTIVES[args.objective](config, student, teacher)
     projectors = list(objective.projectors.parameters()) if objective.projectors is not None else []
     if size > 1:
-        shard_frozen(teacher)
-        shard_student(student)
+        shard_keeping_head_whole(teacher)
+        shard_keeping_head_whole(student)
     head = list(student.get_output_embeddings().parameters())
     trainable = [p for p in (*student.parameters(), *projectors) if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.5)
