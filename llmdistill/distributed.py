@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -66,6 +68,33 @@ def shard_keeping_head_whole(model, mesh=None):
             fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=head)
     fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=head)
     return model
+
+
+def keep_whole_under_zero3(model, parameters) -> None:
+    """DeepSpeed ZeRO-3: these parameters of `model` (an LM head, whose weight the loss reads after the forward and
+    again in the backward) registered as used outside their own module: the model's forward gathers them whole on
+    every rank and no module releases them, until the optimizer step re-partitions everything. Their gradients are
+    still reduce-scattered and their optimizer states partitioned. Call before the model's next forward."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for parameter in parameters:
+        if hasattr(parameter, "ds_id") and not parameter.is_external_param:
+            parameter.is_external_param = True
+            register_external_parameter(model, parameter)
+
+
+def zero3_teacher_engine(teacher, deepspeed_plugin):
+    """DeepSpeed ZeRO-3 for the frozen teacher: an inference engine (no optimizer) whose hooks gather each layer's
+    shard for its forward pass, with the LM head kept whole on every rank. The teacher module is called as before."""
+    import deepspeed
+
+    config = copy.deepcopy(deepspeed_plugin.deepspeed_config)
+    for training_only in ("optimizer", "scheduler", "gradient_clipping"):
+        config.pop(training_only, None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    keep_whole_under_zero3(teacher, teacher.get_output_embeddings().parameters())
+    teacher.eval()
+    return engine
 
 
 def end_distributed() -> None:

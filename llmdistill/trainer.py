@@ -16,7 +16,9 @@ from .config import DistillConfig
 from .data import (
     CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
 )
-from .distributed import average_gradients_over_ranks, shard_keeping_head_whole
+from .distributed import (
+    average_gradients_over_ranks, keep_whole_under_zero3, shard_keeping_head_whole, zero3_teacher_engine,
+)
 from .losses import distill_loss_from_hidden
 from .models import (
     LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states, with_adapter,
@@ -114,12 +116,6 @@ class DistillTrainer(Trainer):
         self._head_gradients = None
         if self.is_fsdp_enabled:
             self._keep_head_whole_under_fsdp()
-        if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "DeepSpeed ZeRO-3 partitions the student's LM head, whose full weight the distillation loss reads "
-                "outside the model's forward: shard with FSDP2 instead (configs/accelerate/fsdp2.yaml keeps the head "
-                "whole and shards the rest), or use ZeRO-2 (configs/accelerate/zero2.yaml)."
-            )
         self.teacher, self.objective, self.teacher_cache = None, None, None
         if args.uses_teacher:
             self._set_up_teacher(teacher, tokenizer, teacher_tokenizer)
@@ -140,8 +136,11 @@ class DistillTrainer(Trainer):
             self.teacher = freeze(teacher).to(args.device)
             if self.is_fsdp_enabled:
                 shard_keeping_head_whole(self.teacher)
+            elif self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+                self._teacher_engine = zero3_teacher_engine(self.teacher, self.accelerator.state.deepspeed_plugin)
         if args.objective not in CROSS_TOKENIZER:  # raises if unsafe
-            shared_vocab_size(tokenizer, self._teacher_head().weight.shape[0], _head_rows(self.model))
+            teacher_rows = _head_rows(self.teacher) if self.teacher is not None else self._cached_head.weight.shape[0]
+            shared_vocab_size(tokenizer, teacher_rows, _head_rows(self.model))
         self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
         if self.projectors is not None and self.is_deepspeed_enabled:
             raise ValueError(
@@ -251,6 +250,9 @@ class DistillTrainer(Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.is_deepspeed_enabled:  # a no-op unless ZeRO-3 has partitioned the student
+            student = self.accelerator.unwrap_model(model)
+            keep_whole_under_zero3(student, student.get_output_embeddings().parameters())
         gold_tokens = _supervised_count(inputs["labels"])
         denominator = num_items_in_batch if num_items_in_batch is not None else gold_tokens
         draw = self._draw() if model.training else "gt"
@@ -588,7 +590,8 @@ def _check_same_tokens(objective: str, bridge: VocabBridge, teacher_tokenizer, s
 
 
 def _head_rows(model: PreTrainedModel) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 may hold only a shard; ds_shape is the whole
 
 
 def peak_memory_mb(device: torch.device | str) -> float:

@@ -22,6 +22,7 @@ from llmdistill.config import DistillConfig
 from llmdistill.distributed import end_distributed
 from llmdistill.models import load_tokenizer
 from llmdistill.trainer import DistillTrainer
+from uneven_generation import generate_unevenly
 
 
 def main() -> None:
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--objective", default="vanilla")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--source", default="gt")
+    parser.add_argument("--generate-unevenly", action="store_true", help="after training; see uneven_generation.py")
     args = parser.parse_args()
     models = args.models_dir
     config = DistillConfig(
@@ -47,6 +49,11 @@ def main() -> None:
     trainer = DistillTrainer(args=config, train_dataset=rows, processing_class=load_tokenizer(str(models / "student")))
     trainer.train()
     trainer.save_model()
+    if args.generate_unevenly:
+        rank, first_rows = trainer.accelerator.process_index, trainer.train_dataset.select(range(2))
+        prompt = trainer.data_collator([first_rows[rank]])
+        generate_unevenly(trainer.model, trainer.teacher, prompt, trainer.processing_class.pad_token_id, rank,
+                          args.output_dir)
     end_distributed()
 
 

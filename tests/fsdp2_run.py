@@ -8,8 +8,8 @@ It trains as DistillTrainer does under FSDP2: the teacher and the student sharde
 `shard_keeping_head_whole`, both LM heads whole (for the student, the trainer asks accelerate for the same layout),
 the loss normalised by the global supervised-token count, the head's and projectors' gradients averaged over the
 ranks. Each of the 3 steps takes the next 4 rows; with two ranks, rank r takes 2 of them. The student is written
-to OUTPUT_DIR/student.safetensors. Then both ranks generate with the sharded models, rank 0 stopping after one
-token and rank 1 running to NEW_TOKENS: without lock-step generation rank 1 would wait forever for rank 0.
+to OUTPUT_DIR/student.safetensors. Then both ranks generate with the sharded models, their responses ending at
+different steps (uneven_generation.py).
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from llmdistill.distributed import (
 )
 from llmdistill.models import LMHead, freeze, load_model, load_tokenizer, supervised_hidden_states
 from llmdistill.objectives import OBJECTIVES
-from llmdistill.rollout import Intervention, Sampling, rollout
-from llmdistill.sources import left_padded_prompts
+from uneven_generation import generate_unevenly
 
-STEPS, GLOBAL_BATCH, NEW_TOKENS = 3, 4, 6
+STEPS, GLOBAL_BATCH = 3, 4
 
 
 def main() -> None:
@@ -87,15 +86,7 @@ def main() -> None:
     if rank == 0:
         save_file(weights, args.output_dir / "student.safetensors")
 
-    prompt = collate([rows[rank]])
-    ids, mask = left_padded_prompts(prompt["input_ids"], prompt["labels"], tokenizer.pad_token_id)
-    greedy = Sampling(NEW_TOKENS, temperature=0)
-    with torch.no_grad():
-        first = int(student(input_ids=ids, attention_mask=mask).logits[0, -1].argmax())
-    eos = first if rank == 0 else -1  # rank 0's first token ends its response; rank 1's response never ends
-    produced = rollout(student, teacher, ids, mask, Intervention("student"), greedy, eos, tokenizer.pad_token_id)
-    generated = produced.response_mask.sum(1).tolist()
-    (args.output_dir / f"generated_rank{rank}.json").write_text(json.dumps(generated))
+    generate_unevenly(student, teacher, collate([rows[rank]]), tokenizer.pad_token_id, rank, args.output_dir)
     end_distributed()
 
 

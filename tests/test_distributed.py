@@ -1,6 +1,7 @@
 """Two CPU ranks (gloo) with uneven supervised-token counts train the same student as one process over the same
 global batches, because the loss is normalised by the global token count (METHODS §1): DDP through torchrun, DeepSpeed
-ZeRO-2 through accelerate launch, and FSDP2's sharded teacher and student (torch fully_shard; see fsdp2_run.py)."""
+ZeRO-2 and ZeRO-3 through accelerate launch, and FSDP2's sharded teacher and student (torch fully_shard; see
+fsdp2_run.py). Sharded runs (ZeRO-3, FSDP2) also generate responses of different lengths on the two ranks."""
 
 from __future__ import annotations
 
@@ -85,20 +86,47 @@ def test_fsdp2_sharded_pair_on_two_cpu_ranks_equals_one_process_and_generates_wi
     assert lengths == [[1], [6]], "rank 0 stops after one token while rank 1 generates six, in lock step"
 
 
-ZERO2_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "zero2.yaml"
+ACCELERATE_CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
+# Stage 3 with every parameter partitioned: by default DeepSpeed keeps parameters under 1e5 elements whole on every
+# rank, which is all of a tiny model's, so the shipped zero3.yaml would not shard these models at all.
+ZERO3_EVERYTHING_PARTITIONED = {
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True,
+    },
+}
 
 
-def _zero2(models_dir: Path, output_dir: Path, *options: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO2_CONFIG),
-            "--mixed_precision", "no", "--num_processes", "2", str(RUNNER), str(models_dir), str(output_dir),
-            "--batch-size", "2", *options]
+def _deepspeed(launch_options: list[str], models_dir: Path, output_dir: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch_options, "--mixed_precision", "no",
+            "--num_processes", "2", str(RUNNER), str(models_dir), str(output_dir), "--batch-size", "2", *options]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_deepspeed_zero2_on_two_cpu_ranks_equals_one_process_and_runs_on_policy(tmp_path, models_dir):
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_and_zero3_on_two_cpu_ranks_equal_one_process_and_zero3_generates_without_hanging(
+    tmp_path, models_dir
+):
     single = _train([sys.executable, str(RUNNER), str(models_dir), str(tmp_path / "one"), "--batch-size", "4"],
                     tmp_path / "one")
-    zero2 = _train(_zero2(models_dir, tmp_path / "two"), tmp_path / "two")
+    zero2 = _train(_deepspeed(["--config_file", str(ACCELERATE_CONFIGS / "zero2.yaml")], models_dir,
+                              tmp_path / "zero2"), tmp_path / "zero2")
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(ZERO3_EVERYTHING_PARTITIONED))
+    zero3_launch = ["--use_deepspeed", "--deepspeed_config_file", str(config), "--zero3_init_flag", "true"]
+    zero3 = _train(_deepspeed(zero3_launch, models_dir, tmp_path / "zero3", "--generate-unevenly"), tmp_path / "zero3")
     for name in single:
-        torch.testing.assert_close(zero2[name], single[name], rtol=0, atol=1e-5, msg=lambda text: f"{name}: {text}")
-    _train(_zero2(models_dir, tmp_path / "mixed", "--source", "mixed"), tmp_path / "mixed")
+        for stage, weights in (("ZeRO-2", zero2), ("ZeRO-3", zero3)):
+            torch.testing.assert_close(weights[name], single[name], rtol=0, atol=1e-5,
+                                       msg=lambda text: f"{stage} {name}: {text}")
+    lengths = [json.loads((tmp_path / "zero3" / f"generated_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert lengths == [[1], [6]], "rank 0 stops after one token while rank 1 generates six, in lock step"
+
+
+@needs_deepspeed
+def test_shipped_zero3_config_trains_on_policy(tmp_path, models_dir):
+    launch = ["--config_file", str(ACCELERATE_CONFIGS / "zero3.yaml")]
+    _train(_deepspeed(launch, models_dir, tmp_path / "mixed", "--source", "mixed"), tmp_path / "mixed")
