@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 
@@ -68,6 +69,20 @@ def shard_keeping_head_whole(model, mesh=None):
             fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=head)
     fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=head)
     return model
+
+
+@contextmanager
+def gathered_for_reading(parameters):
+    """The parameters whole on every rank for the block (DeepSpeed ZeRO-3 shards gathered, read only); every rank
+    must enter it together. Parameters that are not sharded are left as they are."""
+    sharded = [parameter for parameter in parameters if hasattr(parameter, "ds_id")]
+    if not sharded:
+        yield
+        return
+    from deepspeed.runtime.zero import GatheredParameters
+
+    with GatheredParameters(sharded):
+        yield
 
 
 def keep_whole_under_zero3(model, parameters) -> None:

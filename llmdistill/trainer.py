@@ -17,7 +17,7 @@ from .data import (
     CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
 )
 from .distributed import (
-    average_gradients_over_ranks, keep_whole_under_zero3, shard_keeping_head_whole, zero3_teacher_engine,
+    average_gradients_over_ranks, gathered_for_reading, keep_whole_under_zero3, shard_keeping_head_whole, zero3_teacher_engine,
 )
 from .losses import distill_loss_from_hidden
 from .models import (
@@ -36,6 +36,7 @@ from .teacher_cache import (
 from .vocab import VocabBridge, shared_vocab_size
 
 PROJECTORS_FILENAME = "projectors.safetensors"
+PROJECTORS_MODULE = "distill_projectors"  # the projectors' name inside the student, under DeepSpeed only
 SOURCE_STATE_FILENAME = "sequence_source_rank{rank}.pt"
 
 
@@ -117,6 +118,7 @@ class DistillTrainer(Trainer):
         if self.is_fsdp_enabled:
             self._keep_head_whole_under_fsdp()
         self.teacher, self.objective, self.teacher_cache = None, None, None
+        self._projectors_in_model = False
         if args.uses_teacher:
             self._set_up_teacher(teacher, tokenizer, teacher_tokenizer)
         self._set_up_source(tokenizer, teacher_tokenizer)
@@ -141,16 +143,19 @@ class DistillTrainer(Trainer):
         if args.objective not in CROSS_TOKENIZER:  # raises if unsafe
             teacher_rows = _head_rows(self.teacher) if self.teacher is not None else self._cached_head.weight.shape[0]
             shared_vocab_size(tokenizer, teacher_rows, _head_rows(self.model))
-        self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
-        if self.projectors is not None and self.is_deepspeed_enabled:
-            raise ValueError(
-                f"objective {args.objective!r} trains projectors beside the student, which DeepSpeed's ZeRO optimizer "
-                "cannot hold (it only takes the model's own parameters): run it with DDP or FSDP2 "
-                "(configs/accelerate/ddp.yaml, fsdp2.yaml), or choose an objective without projectors under DeepSpeed."
-            )
+        heads = [self.model.get_output_embeddings().weight]
+        if self.teacher is not None:
+            heads.append(self.teacher.get_output_embeddings().weight)
+        with gathered_for_reading(heads):  # ZeRO-3 may have sharded them at load; the objectives' set-up reads them
+            self.objective = OBJECTIVES[args.objective](args, self.model, self.teacher, bridge=self.vocab_bridge)
+        # DeepSpeed's engine and ZeRO optimizer take only the model's own parameters: there the projectors join the
+        # student as a submodule (and are split off again when it is saved).
+        self._projectors_in_model = self.projectors is not None and self.is_deepspeed_enabled
+        if self._projectors_in_model:
+            self.model.add_module(PROJECTORS_MODULE, self.projectors)
         if self.projectors is not None:
             head_trains = LMHead.of(self.model).weight.requires_grad
-            self.add_callback(_ProjectorUpkeep(self.projectors, head_trains))
+            self.add_callback(_ProjectorUpkeep(self.projectors, head_trains, self._projectors_in_model))
 
     def _keep_head_whole_under_fsdp(self) -> None:
         """The loss reads the student's LM head weight outside the model's forward, where FSDP would hold only a
@@ -252,7 +257,10 @@ class DistillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.is_deepspeed_enabled:  # a no-op unless ZeRO-3 has partitioned the student
             student = self.accelerator.unwrap_model(model)
-            keep_whole_under_zero3(student, student.get_output_embeddings().parameters())
+            read_outside_forward = [*student.get_output_embeddings().parameters()]
+            if self._projectors_in_model:
+                read_outside_forward += self.projectors.parameters()
+            keep_whole_under_zero3(student, read_outside_forward)
         gold_tokens = _supervised_count(inputs["labels"])
         denominator = num_items_in_batch if num_items_in_batch is not None else gold_tokens
         draw = self._draw() if model.training else "gt"
@@ -437,6 +445,10 @@ class DistillTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         trainable = [p for p in self.projectors.parameters() if p.requires_grad] if self.projectors else []
         if trainable and not any(group.get("projectors") for group in optimizer.param_groups):
+            if self._projectors_in_model:  # the Trainer grouped them with the student's own parameters
+                ours = set(trainable)
+                for group in optimizer.param_groups:
+                    group["params"] = [p for p in group["params"] if p not in ours]
             optimizer.add_param_group(
                 {"params": trainable, "lr": self.args.projector_learning_rate, "weight_decay": 0.0, "projectors": True}
             )
@@ -449,8 +461,21 @@ class DistillTrainer(Trainer):
         if self.args.should_save:
             directory = Path(output_dir or self.args.output_dir)
             self.args.save_yaml(directory)
-            if self.projectors is not None:
+            if self.projectors is not None and not self._projectors_in_model:
                 save_file(_contiguous(self.projectors.state_dict()), directory / PROJECTORS_FILENAME)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Under DeepSpeed the (gathered) state dict holds the projectors too: they go to their own file."""
+        if self._projectors_in_model and self.args.should_save:  # other ranks hold no gathered state dict
+            if state_dict is None:
+                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            prefix = PROJECTORS_MODULE + "."
+            projectors = {name.removeprefix(prefix): value for name, value in state_dict.items() if name.startswith(prefix)}
+            state_dict = {name: value for name, value in state_dict.items() if not name.startswith(prefix)}
+            directory = Path(output_dir or self.args.output_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file(_contiguous(projectors), directory / PROJECTORS_FILENAME)
+        super()._save(output_dir, state_dict)
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Besides the Trainer's RNG states: this rank's sequence source (draws, replay buffer, p_SGO) and the
@@ -477,7 +502,7 @@ class DistillTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / PROJECTORS_FILENAME
-        if self.projectors is not None and path.is_file():
+        if self.projectors is not None and path.is_file() and not self._projectors_in_model:  # else DeepSpeed's
             self.projectors.load_state_dict(load_file(path, device=str(self.args.device)))
 
 
@@ -512,23 +537,25 @@ class _AverageGradients(TrainerCallback):
 
 
 class _ProjectorUpkeep(TrainerCallback):
-    """The projectors are not in the model, so neither DDP's gradient averaging nor the Trainer's zeroing reaches
-    them: average their gradients over the ranks before each optimizer step, and zero them after it. The step also
-    changed the student head, which the closed-form s2t projector is computed from, unless the head is frozen (LoRA):
-    then s2t is computed once."""
+    """Outside DeepSpeed the projectors are not in the model, so neither DDP's gradient averaging nor the Trainer's
+    zeroing reaches them: average their gradients over the ranks before each optimizer step, and zero them after it
+    (inside the model, DeepSpeed's engine does both). The step also changed the student head, which the closed-form
+    s2t projector is computed from, unless the head is frozen (LoRA): then s2t is computed once."""
 
-    def __init__(self, projectors: torch.nn.Module, head_trains: bool):
-        self.projectors, self.head_trains = projectors, head_trains
+    def __init__(self, projectors: torch.nn.Module, head_trains: bool, in_model: bool):
+        self.projectors, self.head_trains, self.in_model = projectors, head_trains, in_model
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        average_gradients_over_ranks(self.projectors.parameters())
+        if not self.in_model:
+            average_gradients_over_ranks(self.projectors.parameters())
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.head_trains and isinstance(self.projectors, DualSpaceProjectors):
             self.projectors.head_changed()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.projectors.zero_grad(set_to_none=True)
+        if not self.in_model:
+            self.projectors.zero_grad(set_to_none=True)
 
 
 def _with_cache_index(dataset, first: int):

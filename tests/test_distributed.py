@@ -107,22 +107,29 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 @needs_deepspeed
+@pytest.mark.parametrize("objective", ["vanilla", "dskd"])
 def test_deepspeed_zero2_and_zero3_on_two_cpu_ranks_equal_one_process_and_zero3_generates_without_hanging(
-    tmp_path, models_dir
+    tmp_path, models_dir, objective
 ):
-    single = _train([sys.executable, str(RUNNER), str(models_dir), str(tmp_path / "one"), "--batch-size", "4"],
-                    tmp_path / "one")
-    zero2 = _train(_deepspeed(["--config_file", str(ACCELERATE_CONFIGS / "zero2.yaml")], models_dir,
-                              tmp_path / "zero2"), tmp_path / "zero2")
+    runs = {"one": [sys.executable, str(RUNNER), str(models_dir), str(tmp_path / "one"), "--batch-size", "4"]}
+    runs["ZeRO-2"] = _deepspeed(["--config_file", str(ACCELERATE_CONFIGS / "zero2.yaml")], models_dir,
+                                tmp_path / "ZeRO-2")
     config = tmp_path / "zero3.json"
     config.write_text(json.dumps(ZERO3_EVERYTHING_PARTITIONED))
     zero3_launch = ["--use_deepspeed", "--deepspeed_config_file", str(config), "--zero3_init_flag", "true"]
-    zero3 = _train(_deepspeed(zero3_launch, models_dir, tmp_path / "zero3", "--generate-unevenly"), tmp_path / "zero3")
-    for name in single:
-        for stage, weights in (("ZeRO-2", zero2), ("ZeRO-3", zero3)):
-            torch.testing.assert_close(weights[name], single[name], rtol=0, atol=1e-5,
-                                       msg=lambda text: f"{stage} {name}: {text}")
-    lengths = [json.loads((tmp_path / "zero3" / f"generated_rank{rank}.json").read_text()) for rank in (0, 1)]
+    runs["ZeRO-3"] = _deepspeed(zero3_launch, models_dir, tmp_path / "ZeRO-3", "--generate-unevenly")
+    saved = {}
+    for name, command in runs.items():
+        _run([*command, "--objective", objective], tmp_path / name)
+        files = ["model", "projectors"] if objective == "dskd" else ["model"]
+        saved[name] = {key: value for file in files
+                       for key, value in load_file(tmp_path / name / "student" / f"{file}.safetensors").items()}
+    for stage in ("ZeRO-2", "ZeRO-3"):
+        assert saved[stage].keys() == saved["one"].keys()
+        for key, expected in saved["one"].items():
+            torch.testing.assert_close(saved[stage][key], expected, rtol=0, atol=1e-5,
+                                       msg=lambda text: f"{stage} {key}: {text}")
+    lengths = [json.loads((tmp_path / "ZeRO-3" / f"generated_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert lengths == [[1], [6]], "rank 0 stops after one token while rank 1 generates six, in lock step"
 
 

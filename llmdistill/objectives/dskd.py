@@ -52,8 +52,11 @@ class DualSpaceProjectors(nn.Module):
         # pinv(W_T[C]) = pinv(W_T[C]ᵀ W_T[C]) · W_T[C]ᵀ: keep the small [D, D] factor; the teacher never changes.
         teacher = teacher_rows.detach().double()
         self.register_buffer("teacher_gram_pinv", torch.linalg.pinv(teacher.T @ teacher).float(), persistent=False)
+        if s2t == "closed_form":  # derived from the heads, not learned: a buffer, which no optimizer or sharding holds
+            weight = self.s2t.weight.detach()
+            del self.s2t.weight
+            self.s2t.register_buffer("weight", weight)
         self._set_closed_form_s2t(student_head.weight, teacher_head.weight)
-        self.s2t.weight.requires_grad_(s2t == "learned")
 
     def head_changed(self) -> None:
         """Called after each optimizer step: fused optimizers update the head without bumping its version counter."""
