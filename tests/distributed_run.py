@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--objective", default="vanilla")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--source", default="gt")
+    parser.add_argument("--save-steps", type=int, help="write checkpoints every this many steps")
+    parser.add_argument("--resume-from", help="a checkpoint folder to resume from")
     parser.add_argument("--generate-unevenly", action="store_true", help="after training; see uneven_generation.py")
     args = parser.parse_args()
     models = args.models_dir
@@ -42,12 +44,12 @@ def main() -> None:
         student_model_name_or_path=str(models / "student"), teacher_model_name_or_path=str(models / "teacher"),
         max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-2,
         lr_scheduler_type="constant", weight_decay=0.0, train_sampling_strategy="sequential", seed=0,
-        save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to=[], disable_tqdm=True, use_cpu=True,
     )
     lines = (models / "train.jsonl").read_text().splitlines()
     rows = datasets.Dataset.from_list([json.loads(line) for line in lines])
     trainer = DistillTrainer(args=config, train_dataset=rows, processing_class=load_tokenizer(str(models / "student")))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from)
     trainer.save_model()
     if args.generate_unevenly:
         rank, first_rows = trainer.accelerator.process_index, trainer.train_dataset.select(range(2))

@@ -98,6 +98,14 @@ ZERO3_EVERYTHING_PARTITIONED = {
 }
 
 
+@pytest.fixture()
+def zero3_partitioning_everything(tmp_path) -> list[str]:
+    """accelerate launch options for ZERO3_EVERYTHING_PARTITIONED, with models sharded as they load."""
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(ZERO3_EVERYTHING_PARTITIONED))
+    return ["--use_deepspeed", "--deepspeed_config_file", str(config), "--zero3_init_flag", "true"]
+
+
 def _deepspeed(launch_options: list[str], models_dir: Path, output_dir: Path, *options: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *launch_options, "--mixed_precision", "no",
             "--num_processes", "2", str(RUNNER), str(models_dir), str(output_dir), "--batch-size", "2", *options]
@@ -109,15 +117,12 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 @needs_deepspeed
 @pytest.mark.parametrize("objective", ["vanilla", "dskd"])
 def test_deepspeed_zero2_and_zero3_on_two_cpu_ranks_equal_one_process_and_zero3_generates_without_hanging(
-    tmp_path, models_dir, objective
+    tmp_path, models_dir, objective, zero3_partitioning_everything
 ):
     runs = {"one": [sys.executable, str(RUNNER), str(models_dir), str(tmp_path / "one"), "--batch-size", "4"]}
     runs["ZeRO-2"] = _deepspeed(["--config_file", str(ACCELERATE_CONFIGS / "zero2.yaml")], models_dir,
                                 tmp_path / "ZeRO-2")
-    config = tmp_path / "zero3.json"
-    config.write_text(json.dumps(ZERO3_EVERYTHING_PARTITIONED))
-    zero3_launch = ["--use_deepspeed", "--deepspeed_config_file", str(config), "--zero3_init_flag", "true"]
-    runs["ZeRO-3"] = _deepspeed(zero3_launch, models_dir, tmp_path / "ZeRO-3", "--generate-unevenly")
+    runs["ZeRO-3"] = _deepspeed(zero3_partitioning_everything, models_dir, tmp_path / "ZeRO-3", "--generate-unevenly")
     saved = {}
     for name, command in runs.items():
         _run([*command, "--objective", objective], tmp_path / name)
@@ -134,6 +139,26 @@ def test_deepspeed_zero2_and_zero3_on_two_cpu_ranks_equal_one_process_and_zero3_
 
 
 @needs_deepspeed
-def test_shipped_zero3_config_trains_on_policy(tmp_path, models_dir):
+def test_shipped_zero3_config_trains_dskd_on_policy(tmp_path, models_dir):
     launch = ["--config_file", str(ACCELERATE_CONFIGS / "zero3.yaml")]
-    _train(_deepspeed(launch, models_dir, tmp_path / "mixed", "--source", "mixed"), tmp_path / "mixed")
+    output_dir = tmp_path / "mixed"
+    _run(_deepspeed(launch, models_dir, output_dir, "--objective", "dskd", "--source", "mixed"), output_dir)
+    assert (output_dir / "student" / "projectors.safetensors").is_file()
+
+
+@needs_deepspeed
+def test_zero3_dskd_resumed_from_a_checkpoint_equals_the_uninterrupted_run(
+    tmp_path, models_dir, zero3_partitioning_everything
+):
+    launch = zero3_partitioning_everything
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _run(_deepspeed(launch, models_dir, whole, "--objective", "dskd", "--save-steps", "2"), whole)
+    checkpoint = whole / "student" / "checkpoint-2"
+    _run(_deepspeed(launch, models_dir, resumed, "--objective", "dskd", "--resume-from", str(checkpoint)), resumed)
+    for file in ("model", "projectors"):
+        expected = load_file(whole / "student" / f"{file}.safetensors")
+        actual = load_file(resumed / "student" / f"{file}.safetensors")
+        halfway = load_file(checkpoint / f"{file}.safetensors")
+        for key in expected:
+            assert torch.equal(actual[key], expected[key]), f"{file} {key} differs after resuming"
+        assert any(not torch.equal(halfway[key], expected[key]) for key in expected), f"{file} did not train on"
