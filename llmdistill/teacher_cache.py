@@ -7,14 +7,16 @@ Two kinds:
   becomes the teacher distribution restricted to its top k ids and renormalised, p_k = p·1[top k] / Σ_top-k p.
   Divergences that need p > 0 wherever q > 0 (rkl, akl) are refused with it.
 
-A cache folder holds `teacher_cache.json` (what it was built from), `head.safetensors` (hidden kind) and
-`signal.safetensors`: the training rows in order, then the evaluation rows. Each row carries its place there in a
-`cache_index` column; a run whose data, teacher tokenizer, teacher config, kind, k or temperature differ from the
+A cache folder holds `teacher_cache.json` (what it was built from), `head.safetensors` (hidden kind) and the signal
+in shards `signal-00000.safetensors`, ... of about `shard_bytes` each, written as the teacher runs (so building never
+holds more than one shard in memory): the training rows in order, then the evaluation rows. Each row carries its
+place there in a `cache_index` column; a run whose data, teacher tokenizer, teacher config, kind, k or temperature differ from the
 cache's is refused with the field that differs.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from pathlib import Path
@@ -32,7 +34,8 @@ CACHE_KINDS = ("hidden", "topk")
 TOPK_DIVERGENCES = ("fkl", "jsd", "skl", "srkl", "tvd")
 META_FILENAME = "teacher_cache.json"
 HEAD_FILENAME = "head.safetensors"
-SIGNAL_FILENAME = "signal.safetensors"
+SIGNAL_FILENAME = "signal-{shard:05d}.safetensors"
+SHARD_BYTES = 1 << 30
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -111,7 +114,7 @@ class TeacherCache:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {self.directory} is not a teacher cache.")
         self.meta = json.loads(path.read_text())
-        self._file = self._offsets = None
+        self._shards = self._offsets = None
 
     @property
     def kind(self) -> str:
@@ -137,54 +140,89 @@ class TeacherCache:
     def signal(self, rows: torch.Tensor) -> torch.Tensor:
         """The teacher signal at the supervised positions of cache rows `rows`, in order: hidden states [N, D], or
         top-k rows packed as [N, 2k] for `TopKHead`."""
-        if self._file is None:
-            self._file = safe_open(self.directory / SIGNAL_FILENAME, framework="pt", device="cpu")
-            self._offsets = self._file.get_tensor("offsets").tolist()
-        pieces = [self._rows(self._offsets[row], self._offsets[row + 1]) for row in rows.tolist()]
+        if self._shards is None:
+            self._shards = [
+                safe_open(self.directory / SIGNAL_FILENAME.format(shard=shard), framework="pt", device="cpu")
+                for shard in range(len(self.meta["shard_first_rows"]))
+            ]
+            self._offsets = [file.get_tensor("offsets").tolist() for file in self._shards]
+        pieces = [self._row(row) for row in rows.tolist()]
         return torch.cat(pieces).to(rows.device, non_blocking=True)
 
-    def _rows(self, start: int, end: int) -> torch.Tensor:
+    def _row(self, row: int) -> torch.Tensor:
+        first_rows = self.meta["shard_first_rows"]
+        shard = bisect.bisect_right(first_rows, row) - 1
+        file, offsets, local = self._shards[shard], self._offsets[shard], row - first_rows[shard]
+        start, end = offsets[local], offsets[local + 1]
         if self.kind == "hidden":
-            return self._file.get_slice("hidden")[start:end]
-        return torch.cat([self._file.get_slice(name)[start:end].float() for name in ("logprobs", "ids")], dim=1)
+            return file.get_slice("hidden")[start:end]
+        return torch.cat([file.get_slice(name)[start:end].float() for name in ("logprobs", "ids")], dim=1)
 
 
 @torch.no_grad()
 def build_teacher_cache(
     directory: str | Path, teacher, datasets: list, pad_token_id: int, kind: str = "hidden", top_k: int = 64,
-    temperature: float = 1.0, batch_size: int = 8, fingerprints: dict | None = None,
+    temperature: float = 1.0, batch_size: int = 8, fingerprints: dict | None = None, shard_bytes: int = SHARD_BYTES,
 ) -> TeacherCache:
     """Runs the teacher once over the tokenised rows of `datasets` (cache rows numbered through them in order) and
-    writes the cache; returns it opened."""
+    writes the cache, a shard at a time; returns it opened."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     head = LMHead.of(teacher)
     collate = DistillCollator(pad_token_id)
     device = head.weight.device
-    signal, counts = [], []
     rows = [dataset[i] for dataset in datasets for i in range(len(dataset))]
+    shards = _ShardWriter(directory, shard_bytes)
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size])
         supervised = batch["labels"][:, 1:] != IGNORE_INDEX
         hidden = supervised_hidden_states(
             teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device), supervised.to(device)
         )
-        signal.append(hidden if kind == "hidden" else _top_k(head, hidden, top_k, temperature))
-        counts += supervised.sum(1).tolist()
-    tensors = {"hidden": torch.cat(signal)} if kind == "hidden" else {
-        "logprobs": torch.cat([values for values, _ in signal]), "ids": torch.cat([ids for _, ids in signal])
-    }
-    tensors["offsets"] = torch.tensor([0, *counts]).cumsum(0)
-    save_file({name: tensor.cpu().contiguous() for name, tensor in tensors.items()}, directory / SIGNAL_FILENAME)
+        if kind == "hidden":
+            shards.add({"hidden": hidden}, supervised.sum(1).tolist())
+        else:
+            logprobs, ids = _top_k(head, hidden, top_k, temperature)
+            shards.add({"logprobs": logprobs, "ids": ids}, supervised.sum(1).tolist())
+    shards.flush()
     if kind == "hidden":
         head_tensors = {"weight": head.weight} | ({} if head.bias is None else {"bias": head.bias})
         save_file({k: v.detach().cpu().contiguous() for k, v in head_tensors.items()}, directory / HEAD_FILENAME)
     meta = {
         "kind": kind, "top_k": top_k if kind == "topk" else None, "temperature": temperature if kind == "topk" else None,
-        "vocab_size": head.weight.shape[0], "softcap": head.softcap, **(fingerprints or {}),
+        "vocab_size": head.weight.shape[0], "softcap": head.softcap, "shard_first_rows": shards.first_rows,
+        **(fingerprints or {}),
     }
     (directory / META_FILENAME).write_text(json.dumps(meta, indent=1))
     return TeacherCache(directory)
+
+
+class _ShardWriter:
+    """Collects batches of signal (tensors over positions, with each row's position count) and writes a shard file
+    whenever about `shard_bytes` have gathered; a row never spans two shards."""
+
+    def __init__(self, directory: Path, shard_bytes: int):
+        self.directory, self.shard_bytes = directory, shard_bytes
+        self.first_rows, self.rows_written = [], 0
+        self.pieces, self.counts, self.bytes = [], [], 0
+
+    def add(self, tensors: dict[str, torch.Tensor], counts: list[int]) -> None:
+        self.pieces.append({name: tensor.cpu() for name, tensor in tensors.items()})
+        self.counts += counts
+        self.bytes += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        if self.bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.counts:
+            return
+        tensors = {name: torch.cat([piece[name] for piece in self.pieces]) for name in self.pieces[0]}
+        tensors["offsets"] = torch.tensor([0, *self.counts]).cumsum(0)
+        path = self.directory / SIGNAL_FILENAME.format(shard=len(self.first_rows))
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, path)
+        self.first_rows.append(self.rows_written)
+        self.rows_written += len(self.counts)
+        self.pieces, self.counts, self.bytes = [], [], 0
 
 
 def _top_k(head: LMHead, hidden: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llmdistill import DistillConfig, DistillTrainer
-from llmdistill.data import IGNORE_INDEX
+from llmdistill.data import IGNORE_INDEX, prepare_dataset, resolve_format
+from llmdistill.models import freeze
+from llmdistill.teacher_cache import build_teacher_cache
 
 
 def _rows(examples):
@@ -42,7 +44,7 @@ def test_training_from_a_hidden_state_cache_equals_training_with_the_live_teache
     live = _trained_weights(_trainer(tmp_path / "live", model_dirs, tokenizer, examples, objective=objective))
     cache = tmp_path / "cache"
     first = _trainer(tmp_path / "first", model_dirs, tokenizer, examples, objective=objective, teacher_cache=str(cache))
-    assert (cache / "signal.safetensors").is_file()
+    assert (cache / "signal-00000.safetensors").is_file()
     (model_dirs[0] / "model.safetensors").unlink()  # later runs never load the teacher's weights
     cached = _trainer(tmp_path / "cached", model_dirs, tokenizer, examples, objective=objective,
                       teacher_cache=str(cache))
@@ -103,3 +105,21 @@ def test_teacher_cache_settings_that_cannot_work_are_refused_before_any_model_lo
     with pytest.raises(ValueError, match=message):
         DistillConfig(output_dir=str(tmp_path), teacher_cache=str(tmp_path / "cache"), report_to=[],
                       **overrides)
+
+
+@pytest.mark.parametrize("kind", ["hidden", "topk"])
+def test_a_cache_written_in_many_shards_reads_back_the_signal_of_one_shard(tmp_path, model_dirs, tokenizer, examples,
+                                                                          kind):
+    rows = prepare_dataset(_rows(examples[:20]), tokenizer, resolve_format(["prompt", "response"], "prompt", None,
+                                                                           "messages"), 256, 512)
+    teacher = freeze(AutoModelForCausalLM.from_pretrained(model_dirs[0]))
+    built = {
+        name: build_teacher_cache(tmp_path / name, teacher, [rows.select(range(12)), rows.select(range(12, 20))],
+                                  tokenizer.pad_token_id, kind, top_k=4, batch_size=3, shard_bytes=shard_bytes)
+        for name, shard_bytes in (("one", 1 << 30), ("many", 1))
+    }
+    assert len(list((tmp_path / "one").glob("signal-*"))) == 1
+    assert len(list((tmp_path / "many").glob("signal-*"))) == 7  # one per batch of 3 rows
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    for batch in order.split(5):
+        torch.testing.assert_close(built["many"].signal(batch), built["one"].signal(batch), rtol=0, atol=0)
