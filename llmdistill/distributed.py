@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 from contextlib import contextmanager
 
 import torch
@@ -113,7 +114,10 @@ def zero3_teacher_engine(teacher, deepspeed_plugin):
 
 
 def end_distributed() -> None:
-    """Waits for every rank, then closes the process group (a gloo rank left open can abort at interpreter exit)."""
+    """Waits for every rank, then closes the process groups: a gloo rank left open can abort at interpreter exit.
+    What the run left unreachable (a trainer and its DeepSpeed engines, which hold communication handles) is freed
+    first, while the interpreter and the groups are still whole; call this once the trainer is out of scope."""
+    gc.collect()
     if world_size() > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -10,8 +10,8 @@ Two kinds:
 A cache folder holds `teacher_cache.json` (what it was built from), `head.safetensors` (hidden kind) and the signal
 in shards `signal-00000.safetensors`, ... of about `shard_bytes` each, written as the teacher runs (so building never
 holds more than one shard in memory): the training rows in order, then the evaluation rows. Each row carries its
-place there in a `cache_index` column; a run whose data, teacher tokenizer, teacher config, kind, k or temperature differ from the
-cache's is refused with the field that differs.
+place there in a `cache_index` column; a run whose data, teacher tokenizer, teacher config, kind, k or temperature
+differ from the cache's is refused with the field that differs.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from .data import (
     CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
 )
 from .distributed import (
-    average_gradients_over_ranks, gathered_for_reading, keep_whole_under_zero3, shard_keeping_head_whole, zero3_teacher_engine,
+    average_gradients_over_ranks, gathered_for_reading, keep_whole_under_zero3, shard_keeping_head_whole,
+    zero3_teacher_engine,
 )
 from .losses import distill_loss_from_hidden
 from .models import (
@@ -139,6 +140,7 @@ class DistillTrainer(Trainer):
             if self.is_fsdp_enabled:
                 shard_keeping_head_whole(self.teacher)
             elif self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+                # kept with the trainer for the teacher's life: its hooks gather the teacher's layers
                 self._teacher_engine = zero3_teacher_engine(self.teacher, self.accelerator.state.deepspeed_plugin)
         if args.objective not in CROSS_TOKENIZER:  # raises if unsafe
             teacher_rows = _head_rows(self.teacher) if self.teacher is not None else self._cached_head.weight.shape[0]
@@ -470,7 +472,9 @@ class DistillTrainer(Trainer):
             if state_dict is None:
                 state_dict = self.accelerator.unwrap_model(self.model).state_dict()
             prefix = PROJECTORS_MODULE + "."
-            projectors = {name.removeprefix(prefix): value for name, value in state_dict.items() if name.startswith(prefix)}
+            projectors = {
+                name.removeprefix(prefix): value for name, value in state_dict.items() if name.startswith(prefix)
+            }
             state_dict = {name: value for name, value in state_dict.items() if not name.startswith(prefix)}
             directory = Path(output_dir or self.args.output_dir)
             directory.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,8 @@ def main() -> None:
         student_model_name_or_path=str(models / "student"), teacher_model_name_or_path=str(models / "teacher"),
         max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-2,
         lr_scheduler_type="constant", weight_decay=0.0, train_sampling_strategy="sequential", seed=0,
-        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to=[], disable_tqdm=True, use_cpu=True,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        report_to=[], disable_tqdm=True, use_cpu=True,
     )
     lines = (models / "train.jsonl").read_text().splitlines()
     rows = datasets.Dataset.from_list([json.loads(line) for line in lines])
@@ -56,8 +57,8 @@ def main() -> None:
         prompt = trainer.data_collator([first_rows[rank]])
         generate_unevenly(trainer.model, trainer.teacher, prompt, trainer.processing_class.pad_token_id, rank,
                           args.output_dir)
-    end_distributed()
 
 
 if __name__ == "__main__":
     main()
+    end_distributed()

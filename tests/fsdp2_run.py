@@ -87,8 +87,8 @@ def main() -> None:
         save_file(weights, args.output_dir / "student.safetensors")
 
     generate_unevenly(student, teacher, collate([rows[rank]]), tokenizer.pad_token_id, rank, args.output_dir)
-    end_distributed()
 
 
 if __name__ == "__main__":
     main()
+    end_distributed()
