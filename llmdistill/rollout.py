@@ -99,8 +99,9 @@ def rollout(
 ) -> Rollout:
     """Generate responses to left-padded prompts [B, P] with both models in lock step (same tokenizer).
 
-    With `teacher=None` the student generates alone (rule `student` only): its tokens are the same as with a teacher
-    for the same seed, and the rollout has no teacher hidden states and zero divergence.
+    Heads padded to different row counts (one tokenizer) decode over the ids both have (`on_shared_ids`). With
+    `teacher=None` the student generates alone (rule `student` only): its tokens are the same as with a teacher of the
+    same head size for the same seed, and the rollout has no teacher hidden states and zero divergence.
     """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded (every row's last position a real token): set padding_side='left'.")
@@ -115,6 +116,7 @@ def rollout(
         student_logits = students.logits
         # without a teacher its logits are the student's: same draws from the generator, zero divergence
         teacher_logits = teachers.logits if teachers is not None else student_logits
+        student_logits, teacher_logits = on_shared_ids(student_logits, teacher_logits)
         divergence = jensen_shannon(teacher_logits, student_logits)
         token, teacher_writes = _choose(student_logits, teacher_logits, divergence, step, intervention, sampling,
                                         generator)
@@ -156,6 +158,15 @@ def rollout_statistics(produced: Rollout) -> dict[str, float]:
 
 def _mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return values[mask].float().mean().item() if mask.any() else 0.0
+
+
+def on_shared_ids(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both [B, V] logits cut to the first min(V_S, V_T) ids, as the losses compare padded heads of one tokenizer
+    (METHODS §1; the trainer has checked with `vocab.shared_vocab_size` that every real token has a row in both): a
+    token either model writes is then one the other can read, and the rules compare distributions over one support.
+    """
+    shared = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[:, :shared], teacher_logits[:, :shared]
 
 
 def jensen_shannon(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from llmdistill.rollout import Intervention, Rollout, Sampling, jensen_shannon, rollout, rollout_statistics
 
@@ -161,3 +162,51 @@ def test_sampling_follows_the_warped_distribution_and_never_picks_filtered_token
     assert torch.bincount(top2, minlength=2)[0] / len(top2) == pytest.approx(1 / (1 + math.exp(-1)), abs=0.01)
     nucleus = sample(logits, Sampling(top_p=0.5), generator)  # p(0) = 0.64 ≥ 0.5: only token 0
     assert set(nucleus.tolist()) == {0}
+
+
+def tiny_qwen2(vocab_size: int, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def padded_past_the_tokenizer(model):
+    """The model with its head's rows past VOCAB (no token of the tokenizer) scoring 3× the real rows: any draw over
+    the whole head would almost surely be a padding id, and greedy decoding surely."""
+    head = model.get_output_embeddings().weight
+    if len(head) > VOCAB:
+        with torch.no_grad():
+            head[VOCAB:] = 3 * head[:VOCAB]
+    return model.eval()
+
+
+def plain_jensen_shannon(teacher_logits, student_logits):
+    p, q = teacher_logits.softmax(-1), student_logits.softmax(-1)
+    m = (p + q) / 2
+    return 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+
+
+@pytest.mark.parametrize("padded", ["teacher", "student"])
+@pytest.mark.parametrize("rule, options", [
+    ("switch", {"switch_tau0": 0.0}), ("mixture", {"mixture_alpha": 0.5}), ("skd", {"skd_top_k": 3}), ("student", {}),
+])
+def test_heads_padded_past_the_tokenizer_write_only_ids_both_models_have(prompts, padded, rule, options):
+    """Same tokenizer, one head with extra padding rows (Qwen2.5-7B 152,064 vs 1.5B 151,936): every rule decides and
+    samples over the shared first min(V_T, V_S) ids, and the JSD is that of the shared ids' distributions."""
+    student = tiny_llama(2 * VOCAB if padded == "student" else VOCAB, seed=1)
+    teacher = tiny_qwen2(2 * VOCAB if padded == "teacher" else VOCAB, seed=2)
+    student, teacher = padded_past_the_tokenizer(student), padded_past_the_tokenizer(teacher)
+    for temperature in (1.0, 0.0):
+        produced = run((student, teacher), prompts, rule=rule, seed=9, temperature=temperature, eos=-1, **options)
+        assert int(produced.sequences.max()) < VOCAB
+        if rule == "switch":
+            assert produced.teacher_written.all()
+    ids, mask = prompts
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    first_logits = [model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :VOCAB]
+                    for model in (teacher, student)]
+    torch.testing.assert_close(produced.divergence[:, 0], plain_jensen_shannon(*first_logits), rtol=1e-4, atol=1e-6)
