@@ -66,7 +66,7 @@ class SequenceSource:
         self.generator = torch.Generator().manual_seed(seed)
         self.student_probability = 0.0  # DistiLLM's p_SGO
         self.buffer = ReplayBuffer(buffer_size) if name == "adaptive" else None
-        self._last_eval_loss: float | None = None
+        self.reference_loss: float | None = None  # the validation loss p_SGO last rose at (first: before training)
 
     @property
     def generates(self) -> bool:
@@ -79,17 +79,26 @@ class SequenceSource:
         if self.name == "mixed":
             return "generate" if self._uniform() < self.mixed_lambda else "gt"
         if self.name == "adaptive":
-            r, p = self._uniform(), self.student_probability
-            if r < p * (1 - step / max(total_steps, 1)) or not self.buffer.full:
-                return "generate"
-            return "replay" if r < p else "gt"
+            return self._adaptive_draw(step, total_steps)
         return "generate"
 
+    def _adaptive_draw(self, step: int, total_steps: int) -> str:
+        """distillm finetune.py: fresh samples while r < p·(1 − step/T), or while r < p and the buffer is not yet
+        full; a replayed batch for the rest of r < p; the dataset otherwise (always while p = 0)."""
+        r, p = self._uniform(), self.student_probability
+        if r < p * (1 - step / max(total_steps, 1)) or (r < p and not self.buffer.full):
+            return "generate"
+        return "replay" if r < p else "gt"
+
     def observe_eval_loss(self, loss: float) -> None:
-        """DistiLLM's adaptive schedule: more student generations whenever the validation loss rises by ≥ 0.1."""
-        if self._last_eval_loss is not None and loss - self._last_eval_loss >= ADAPTIVE_LOSS_RISE:
+        """DistiLLM's adaptive schedule, fed the student's CE-only validation loss after each evaluation. The first
+        loss (measured before training) is the reference; a loss ≥ reference + 0.1 raises p_SGO by 0.1 and becomes
+        the reference; any other loss changes nothing."""
+        if self.reference_loss is None:
+            self.reference_loss = loss
+        elif loss >= self.reference_loss + ADAPTIVE_LOSS_RISE:
             self.student_probability = min(1.0, self.student_probability + ADAPTIVE_STEP)
-        self._last_eval_loss = loss
+            self.reference_loss = loss
 
     def replay(self, count: int) -> list[dict]:
         return self.buffer.sample(count, self.generator)
@@ -102,12 +111,12 @@ class SequenceSource:
         """Everything a resumed run needs to draw, replay and schedule exactly as an uninterrupted one."""
         return {
             "generator": self.generator.get_state(), "student_probability": self.student_probability,
-            "last_eval_loss": self._last_eval_loss, "buffer": list(self.buffer.rows) if self.buffer else None,
+            "reference_loss": self.reference_loss, "buffer": list(self.buffer.rows) if self.buffer else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.student_probability, self._last_eval_loss = state["student_probability"], state["last_eval_loss"]
+        self.student_probability, self.reference_loss = state["student_probability"], state["reference_loss"]
         if self.buffer is not None:
             self.buffer.rows.clear()
             self.buffer.push(state["buffer"])

@@ -18,7 +18,7 @@ from .data import (
 )
 from .distributed import (
     average_gradients_over_ranks, gathered_for_reading, keep_whole_under_zero3, shard_keeping_head_whole,
-    zero3_teacher_engine,
+    sum_over_ranks, zero3_teacher_engine,
 )
 from .losses import distill_loss_from_hidden
 from .models import (
@@ -124,6 +124,7 @@ class DistillTrainer(Trainer):
             self._set_up_teacher(teacher, tokenizer, teacher_tokenizer)
         self._set_up_source(tokenizer, teacher_tokenizer)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._evaluation_ce = self._no_evaluation_ce()
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
     def _set_up_teacher(self, teacher, tokenizer, teacher_tokenizer) -> None:
@@ -230,7 +231,7 @@ class DistillTrainer(Trainer):
             args.seed + self.accelerator.process_index
         )
         if args.source == "adaptive":
-            self.add_callback(_AdaptiveSchedule(self.sequence_source))
+            self.add_callback(_AdaptiveSchedule(self.sequence_source, self.evaluate))
 
     @staticmethod
     def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str,
@@ -374,9 +375,12 @@ class DistillTrainer(Trainer):
 
     def _record(self, output: ObjectiveOutput, ce_tokens: int, kd_tokens: int) -> None:
         """Keeps per-token terms as tensors; `log` reads them, so a step waits on no device-to-host copy here.
-        CE is per gold token (not logged when no CE was computed), KD per token of the sequences it ran on."""
-        if ce_tokens:
+        CE is per gold token (not logged when no CE was computed; an evaluation's is summed for `evaluation_loop`),
+        KD per token of the sequences it ran on."""
+        if ce_tokens and self.model.training:
             self._record_values({"ce": output.ce.detach() / ce_tokens})
+        elif ce_tokens:
+            self._evaluation_ce += torch.stack([output.ce.detach(), output.ce.new_tensor(ce_tokens)]).double()
         if self.objective is not None:
             self._record_values({"kd": torch.as_tensor(output.kd).detach() / kd_tokens})
         self._record_values(output.metrics)
@@ -397,13 +401,20 @@ class DistillTrainer(Trainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         """The loss terms, plus ROUGE-L and exact match of greedy responses to the first `eval_generation_size`
-        evaluation prompts."""
+        evaluation prompts. `eval_ce` is the student's CE-only loss over every evaluation token of every rank
+        (DistiLLM's validation loss, which `source: adaptive` follows), not a mean of batch means."""
+        self._evaluation_ce = self._no_evaluation_ce()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        ce_sum, tokens = sum_over_ranks(self._evaluation_ce).tolist()
+        output.metrics[f"{metric_key_prefix}_ce"] = ce_sum / tokens
         if self.args.eval_generation_size:
             rows = [dataloader.dataset[i] for i in range(min(self.args.eval_generation_size, len(dataloader.dataset)))]
             scores = self._greedy_scores(rows)
             output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in scores.items()})
         return output
+
+    def _no_evaluation_ce(self) -> torch.Tensor:
+        return torch.zeros(2, dtype=torch.float64, device=self.args.device)  # Σ CE, gold tokens
 
     @torch.no_grad()
     def _greedy_scores(self, rows: list[dict]) -> dict[str, float]:
@@ -511,14 +522,20 @@ class DistillTrainer(Trainer):
 
 
 class _AdaptiveSchedule(TrainerCallback):
-    """DistiLLM: each evaluation's loss updates the probability of training on student generations."""
+    """DistiLLM: the student's CE-only validation loss (`eval_ce`, not the CE + KD `eval_loss`) of each evaluation
+    updates the probability of training on student generations; the first, measured before training, is the
+    reference (distillm's finetune.py evaluates before its first step)."""
 
-    def __init__(self, source: SequenceSource):
-        self.source = source
+    def __init__(self, source: SequenceSource, evaluate):
+        self.source, self.evaluate = source, evaluate
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run restores its reference from the checkpoint; with eval_on_start the Trainer measures it next.
+        if state.global_step == 0 and not args.eval_on_start:
+            self.evaluate()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics and "eval_loss" in metrics:
-            self.source.observe_eval_loss(metrics["eval_loss"])
+        self.source.observe_eval_loss(metrics["eval_ce"])
 
 
 class _AverageGradients(TrainerCallback):

@@ -27,23 +27,68 @@ def test_mixed_draws_student_batches_with_probability_lambda():
     assert {SequenceSource("mixed", mixed_lambda=lam).draw(0, 1) for lam in (0.0,)} == {"gt"}
 
 
-def test_adaptive_generates_until_the_buffer_is_full_then_follows_p_sgo():
+def drawn_with(source: SequenceSource, r: float, step: int, total: int) -> str:
+    source._uniform = lambda: r
+    return source.draw(step, total)
+
+
+def test_adaptive_draw_follows_distillm_with_fixed_r():
+    """distillm finetune.py: generate when r < p·(1 − step/T) or (r < p and the buffer is not full); else replay when
+    r < p; else gt. With p = 0 nothing is generated, whether or not the buffer is full."""
+    source = SequenceSource("adaptive", buffer_size=2, seed=0)
+    assert [drawn_with(source, r, 0, 100) for r in (0.0, 0.5, 0.99)] == ["gt"] * 3
+    source.student_probability = 0.5  # at step 50 of 100: p·(1 − step/T) = 0.25
+    assert [drawn_with(source, r, 50, 100) for r in (0.2, 0.3, 0.6)] == ["generate", "generate", "gt"]
+    source.remember([{"input_ids": [1], "labels": [1]}] * 2)
+    assert [drawn_with(source, r, 50, 100) for r in (0.2, 0.3, 0.6)] == ["generate", "replay", "gt"]
+    assert [drawn_with(source, r, 100, 100) for r in (0.0, 0.49, 0.5)] == ["replay", "replay", "gt"]
+
+
+def test_adaptive_draws_from_the_generator_at_the_rates_of_the_rule():
     source = SequenceSource("adaptive", buffer_size=4, seed=0)
-    assert source.draw(0, 100) == "generate"  # buffer not full
     source.remember([{"input_ids": [1], "labels": [1]}] * 4)
-    assert {source.draw(step, 100) for step in range(50)} == {"gt"}  # p_SGO = 0
-    source.observe_eval_loss(1.0)
-    source.observe_eval_loss(1.05)  # rose by < 0.1: unchanged
-    assert source.student_probability == 0.0
-    for loss in (1.2, 1.4, 1.6):
-        source.observe_eval_loss(loss)
-    assert source.student_probability == pytest.approx(0.3)
+    source.student_probability = 0.3
     draws = [source.draw(step, 100) for step in range(3000)]
-    # r < p(1 - step/T) → generate; p(1 - step/T) ≤ r < p → replay; else gt
     expected_generate = sum(0.3 * max(0.0, 1 - step / 100) for step in range(3000)) / 3000
     assert draws.count("generate") / 3000 == pytest.approx(expected_generate, abs=0.01)
     assert draws.count("replay") / 3000 == pytest.approx(0.3 - expected_generate, abs=0.02)
     assert len(source.replay(3)) == 3
+
+
+def test_adaptive_p_sgo_rises_by_a_tenth_when_the_loss_exceeds_the_reference_which_moves_only_then():
+    """The first observed loss (before training) is the reference; a loss ≥ reference + 0.1 raises p_SGO by 0.1 and
+    becomes the reference; any other loss changes nothing."""
+    source = SequenceSource("adaptive", seed=0)
+    expected = [  # validation loss → (p_SGO, reference) after it
+        (2.0, 0.0, 2.0), (2.05, 0.0, 2.0), (2.125, 0.1, 2.125), (2.0, 0.1, 2.125), (2.2, 0.1, 2.125),
+        (2.25, 0.2, 2.25), (2.25, 0.2, 2.25), (1.5, 0.2, 2.25), (3.5, 0.3, 3.5),
+    ]
+    for loss, probability, reference in expected:
+        source.observe_eval_loss(loss)
+        assert (source.student_probability, source.reference_loss) == (pytest.approx(probability), reference), loss
+    for loss in range(4, 14):
+        source.observe_eval_loss(float(loss))
+    assert source.student_probability == 1.0 and source.reference_loss == 13.0
+
+
+def test_adaptive_reference_is_the_students_ce_only_validation_loss_measured_before_training(
+    tmp_path, tokenizer, examples
+):
+    """distillm evaluates before its first step, and its validation loss is the student's CE alone: here the mean CE
+    over every evaluation token (not the CE + KD training loss, not a mean of batch means)."""
+    trainer = make_trainer(tmp_path, tokenizer, examples, source="adaptive", eval_examples=examples[:6],
+                           eval_strategy="steps", eval_steps=10, max_steps=1, per_device_eval_batch_size=4)
+    collate = DistillCollator(tokenizer.pad_token_id)
+    rows = [trainer.eval_dataset[i] for i in range(6)]
+    with torch.no_grad():
+        batches = [collate(rows[:4]), collate(rows[4:])]
+        total = sum(gold_cross_entropy(trainer.model, batch, reduction="sum") for batch in batches)
+        tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches)
+    trainer.train()
+    before_training = trainer.state.log_history[0]
+    assert before_training["step"] == 0 and before_training["eval_ce"] == pytest.approx(total.item() / tokens, rel=1e-5)
+    assert before_training["eval_loss"] != pytest.approx(before_training["eval_ce"], rel=1e-3)
+    assert trainer.sequence_source.reference_loss == before_training["eval_ce"]
 
 
 def test_left_padded_prompts_are_the_tokens_before_the_first_label():
@@ -87,10 +132,11 @@ def kd_on_rollout_reference(student, teacher, rows, alpha_weighted_kd_tokens):
     return (log_p.exp() * (log_p - log_q)).sum() / alpha_weighted_kd_tokens
 
 
-def gold_cross_entropy(student, batch):
+def gold_cross_entropy(student, batch, reduction="mean"):
     targets = batch["labels"][:, 1:]
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits[targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX])
+    supervised = targets != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction=reduction)
 
 
 @pytest.mark.parametrize(
