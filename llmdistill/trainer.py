@@ -288,9 +288,11 @@ class DistillTrainer(Trainer):
         self._record(output, ce_tokens, kd_tokens)
         return (loss, None) if return_outputs else loss
 
-    def _objective_output(self, model, inputs, ce_weight, kd_weight, teacher_hidden=None) -> ObjectiveOutput:
+    def _objective_output(self, model, inputs, ce_weight, kd_weight, teacher_hidden=None, on_policy=False
+                          ) -> ObjectiveOutput:
         """ce_weight · Σ CE + kd_weight · Σ KD against the teacher over the batch's supervised positions.
-        `teacher_hidden` ([N, D] at those positions, e.g. from the rollout) replaces the teacher pass."""
+        `teacher_hidden` ([N, D] at those positions, e.g. from the rollout) replaces the teacher pass; `on_policy`:
+        the batch's responses were generated during training."""
         input_ids, targets = inputs["input_ids"], inputs["labels"][:, 1:]
         supervised = targets != IGNORE_INDEX
         student_hidden = supervised_hidden_states(model, input_ids, inputs["attention_mask"], supervised)
@@ -306,7 +308,9 @@ class DistillTrainer(Trainer):
             return self.objective(self._cross_tokenizer_batch(student_hidden, student_head, inputs), **weights)
         if teacher_hidden is None:
             teacher_hidden = self._teacher_signal(inputs, supervised)
-        return self.objective(student_hidden, student_head, teacher_hidden, self._teacher_head(), labels, **weights)
+        return self.objective(
+            student_hidden, student_head, teacher_hidden, self._teacher_head(), labels, **weights, on_policy=on_policy
+        )
 
     @torch.no_grad()
     def _teacher_signal(self, inputs, supervised: torch.Tensor) -> torch.Tensor:
@@ -343,7 +347,9 @@ class DistillTrainer(Trainer):
         micro_batches = self.args.gradient_accumulation_steps * (
             self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         )
-        kd = self._objective_output(model, generated, 0.0, alpha / (kd_tokens * micro_batches), teacher_hidden)
+        kd = self._objective_output(
+            model, generated, 0.0, alpha / (kd_tokens * micro_batches), teacher_hidden, on_policy=True
+        )
         if alpha == 1:  # no CE term: skip the gold forward pass
             return kd, 0, kd_tokens
         ce = self._objective_output(model, inputs, (1 - alpha) / gold_denominator, 0.0)

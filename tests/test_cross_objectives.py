@@ -137,7 +137,8 @@ def reference_mined(trainer, batch):
     return ref.total(kd)
 
 
-def reference_dskd_eta(trainer, batch):
+def reference_dskd_eta(trainer, batch, mapping=None):
+    """`mapping`: teacher id → student id (-1: none); by default the bridge's."""
     ref, objective = Reference(trainer, batch), trainer.objective
     projectors = objective.projectors
     teacher_ids, student_ids = projectors.teacher_ids, projectors.student_ids
@@ -145,23 +146,25 @@ def reference_dskd_eta(trainer, batch):
     s2t = (
         torch.linalg.pinv(ref.teacher_weight[teacher_ids].double()) @ ref.student_weight[student_ids].double()
     ).float().detach()
-    mapping = trainer.vocab_bridge.teacher_to_student_map(len(ref.teacher_weight))
-    kd_st, ce_ts, agreeing, kd_ts_sum, counted = 0.0, 0.0, 0, 0.0, 0
-    for row, t, s in ref.triples():
+    if mapping is None:
+        mapping = trainer.vocab_bridge.teacher_to_student_map(len(ref.teacher_weight))
+    kd_st, ce_ts, agreeing, kd_ts_sum, labelled = 0.0, 0.0, 0, 0.0, 0
+    triples = ref.triples()
+    for row, t, s in triples:
         h_s, h_t, z_t = ref.student_hidden[row, s - 1], ref.teacher_hidden[row, t - 1], ref.teacher_logits[row, t - 1]
-        kd_st = kd_st + ref.divergence(z_t[None], (h_s @ s2t.T @ ref.teacher_weight.T)[None])
         label = int(mapping[z_t.argmax()])
         if label < 0 or label >= len(ref.student_weight):
-            continue
-        counted += 1
+            continue  # the teacher's top-1 has no student token: the pair leaves both spaces
+        labelled += 1
+        kd_st = kd_st + ref.divergence(z_t[None], (h_s @ s2t.T @ ref.teacher_weight.T)[None])
         student_space = projectors.t2s(h_t) @ ref.student_weight.detach().T
         ce_ts = ce_ts + F.cross_entropy(student_space[None], torch.tensor([label]), reduction="sum")
         if int(student_space.argmax()) == label:
             agreeing += 1
             kd_ts_sum = kd_ts_sum + ref.divergence(student_space.detach()[None], ref.student_logits[row, s - 1][None])
-    assert counted > 0
-    kd_ts = kd_ts_sum / max(agreeing, 1) * ref.n
-    return ref.total(kd_st + ce_ts + kd_ts)
+    assert labelled > 0
+    # DSKDv2's ETA loss: L_ce_ts and L_kd_st are means over the labelled pairs, L_kd_ts over the agreeing ones
+    return ref.total((kd_st / labelled + ce_ts / labelled + kd_ts_sum / max(agreeing, 1)) * ref.n)
 
 
 def reference_cma(trainer, batch):
@@ -192,11 +195,10 @@ def reference_cma(trainer, batch):
     t2s_hidden = torch.softmax(scores, -1) @ attention.t2s(t_hidden / t_hidden.std() + t_target_embeds / t_target_embeds.std())
     student_space = t2s_hidden @ ref.student_weight.detach().T
     student_logits = torch.stack([ref.student_logits[row, p] for row, p in s_rows])
-    agree = student_space.argmax(-1) == s_targets
-    kd_ts = (
-        divergence_per_position(student_space.detach(), student_logits, trainer.args.divergence, trainer.args.temperature)
-        * agree
-    ).sum() / agree.sum().clamp_min(1) * ref.n
+    # no agreement mask: Σ D over all N positions, divided by N in ref.total
+    kd_ts = divergence_per_position(
+        student_space.detach(), student_logits, trainer.args.divergence, trainer.args.temperature
+    ).sum()
     ce_ts = F.cross_entropy(student_space, s_targets, reduction="sum")
     s2t_hidden = torch.softmax(scores.T, -1) @ attention.s2t(s_hidden)
     teacher_logits = torch.stack([ref.teacher_logits[row, p] for row, p in t_rows])
@@ -241,6 +243,45 @@ def test_loss_and_gradients_equal_the_plain_reference(
     ours = trainer.compute_loss(trainer.model, batch)
     reference = REFERENCES[objective](trainer, batch)
     assert_same_loss_and_gradients(ours, reference, trainable(trainer))
+
+
+def test_dskd_eta_pairs_whose_teacher_top1_has_no_student_token_leave_both_spaces(
+    tmp_path, tokenizer, student_tokenizer, examples
+):
+    """Here every teacher top-1 maps: knock out the student ids of some, and those pairs leave the teacher space too
+    (DSKDv2 fills s2t_hiddens_align only for mapped pairs), and both pair means count only the pairs that stay."""
+    trainer = make_trainer(tmp_path, tokenizer, student_tokenizer, examples, "dskd_eta")
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        top1 = Reference(trainer, batch).teacher_logits.argmax(-1).unique()
+    mapping = trainer.objective.teacher_to_student.clone()
+    mapping[top1[::2]] = -1
+    trainer.objective.teacher_to_student = mapping
+    ours = trainer.compute_loss(trainer.model, batch)
+    assert_same_loss_and_gradients(ours, reference_dskd_eta(trainer, batch, mapping), trainable(trainer))
+
+
+def test_dskd_eta_means_count_the_pairs_of_every_rank(monkeypatch, tmp_path, tokenizer, student_tokenizer, examples):
+    """Two ranks, each with half of the batch and every count summed over both (simulated: sum_over_ranks returns the
+    two halves' counts added), give the loss and gradients of one process with the whole batch."""
+    import llmdistill.objectives.dskd as dskd
+
+    trainer = make_trainer(tmp_path, tokenizer, student_tokenizer, examples, "dskd_eta")
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    halves = [trainer.data_collator(rows[:2]), trainer.data_collator(rows[2:])]
+    whole = trainer.data_collator(rows)
+    tokens = int((whole["labels"][:, 1:] != -100).sum())
+    counts = []
+    monkeypatch.setattr(dskd, "sum_over_ranks", lambda values: counts.append(values) or values)
+    for half in halves:
+        trainer.compute_loss(trainer.model, half, num_items_in_batch=tokens)
+    per_half = len(counts) // 2
+    summed = [mine + theirs for mine, theirs in zip(counts[:per_half], counts[per_half:], strict=True)]
+    calls = iter(summed + summed)
+    monkeypatch.setattr(dskd, "sum_over_ranks", lambda values: next(calls))
+    two_ranks = sum(trainer.compute_loss(trainer.model, half, num_items_in_batch=tokens) for half in halves)
+    monkeypatch.undo()
+    assert_same_loss_and_gradients(two_ranks, trainer.compute_loss(trainer.model, whole), trainable(trainer))
 
 
 @pytest.mark.parametrize("objective", sorted(REFERENCES))

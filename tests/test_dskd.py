@@ -1,5 +1,5 @@
-"""DSKD (METHODS §2): the ideal initialisation, gradient routing, the agreement mask, and equality with a plain
-full-logit reference written here from the formulas."""
+"""DSKD (METHODS §2): the ideal initialisation, gradient routing, the agreement mask (v2 off-policy only), and
+equality with a plain full-logit reference written here from the formulas."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from transformers import AutoModelForCausalLM
 from llmdistill import DistillConfig, DistillTrainer
 from llmdistill.data import DistillCollator
 from llmdistill.divergences import divergence_per_position
-from llmdistill.models import LMHead
+from llmdistill.models import LMHead, eval_mode
 from llmdistill.objectives.dskd import DualSpaceProjectors, least_squares_map
+from llmdistill.rollout import Intervention, Sampling, rollout
+from llmdistill.sources import left_padded_prompts, rollout_rows
 
 from conftest import assert_same_loss_and_gradients, tiny_gpt2, tiny_llama
 
@@ -40,8 +42,10 @@ def first_batch(trainer, size=6):
     return collate([trainer.train_dataset[i] for i in range(size)])
 
 
-def reference_dskd(trainer, batch):
-    """((1−α)·CE + α·KD) / N from full logits, term by term as METHODS §2 writes them (v2 and v1)."""
+def reference_dskd_sums(trainer, batch, on_policy=False):
+    """(Σ CE, KD × N, N) from full logits, term by term as METHODS §2 writes them (v2 and v1): KD is the sum of the
+    terms' means, times N. L_kd_ts is a mean over the agreeing positions (v2 off-policy), or Σ D / N over all of them
+    with no agreement mask (v1, as DSKD's dual_space_kd.py; v2 on generated sequences, as DSKDv2's on-policy loss)."""
     args, projectors = trainer.args, trainer.projectors
     v1 = args.objective == "dskd_v1"
     supervised = batch["labels"][:, 1:] != -100
@@ -74,12 +78,21 @@ def reference_dskd(trainer, batch):
     if args.dskd_spaces != "teacher":
         targets = labels if v1 else teacher_logits.argmax(-1)
         student_space = projectors.t2s(teacher_hidden) @ student_weight.detach().T
-        agree = student_space.argmax(-1) == targets
         per_position = divergence_per_position(student_space.detach(), student_logits, name, tau)
-        kd_ts = (per_position * agree).sum() / agree.sum().clamp_min(1) * n
+        if v1 or on_policy:
+            kd_ts = per_position.sum()
+        else:
+            agree = student_space.argmax(-1) == targets
+            kd_ts = (per_position * agree).sum() / agree.sum().clamp_min(1) * n
         kd = kd + kd_ts + F.cross_entropy(student_space, targets, reduction="sum")
     ce = F.cross_entropy(student_logits, labels, reduction="sum")
-    return ((1 - args.alpha_kd) * ce + args.alpha_kd * kd) / n
+    return ce, kd, n
+
+
+def reference_dskd(trainer, batch):
+    """((1−α)·CE + α·KD) / N."""
+    ce, kd, n = reference_dskd_sums(trainer, batch)
+    return ((1 - trainer.args.alpha_kd) * ce + trainer.args.alpha_kd * kd) / n
 
 
 def trainable(trainer):
@@ -103,6 +116,33 @@ def test_loss_and_gradients_equal_the_plain_reference(tmp_path, tokenizer, examp
     ours = trainer.compute_loss(trainer.model, batch)
     reference = reference_dskd(trainer, batch)
     assert_same_loss_and_gradients(ours, reference, trainable(trainer))
+
+
+def test_on_generated_sequences_the_student_space_kd_is_not_masked(tmp_path, tokenizer, examples):
+    """On-policy DSKD (DSKDv2's compute_on_policy_dual_space_kd_loss): L_kd_ts = Σ D / N over every generated
+    position, no agreement mask; the step is (1 − α)·mean gold CE + α·KD on the responses the rollout (rerun here with
+    the trainer's seed) wrote."""
+    trainer = make_trainer(tmp_path, tokenizer, examples, source="student", max_new_tokens=8, alpha_kd=0.9)
+    t2s = trainer.projectors.t2s.weight
+    with torch.no_grad():  # off the ideal initialisation, where nearly every position agrees
+        t2s.add_(torch.randn(t2s.shape, generator=torch.Generator().manual_seed(0)) * t2s.std())
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    batch = first_batch(trainer, 4)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+
+    prompts = left_padded_prompts(batch["input_ids"], batch["labels"], pad)
+    with eval_mode(trainer.model):
+        produced = rollout(trainer.model, trainer.teacher, *prompts, Intervention("student"), Sampling(8), eos, pad,
+                           torch.Generator().manual_seed(trainer.args.seed))
+    generated = DistillCollator(pad)(rollout_rows(produced.sequences, produced.attention_mask, prompts[0].shape[1]))
+    gold_ce, _, gold_tokens = reference_dskd_sums(trainer, batch)
+    _, kd, generated_tokens = reference_dskd_sums(trainer, generated, on_policy=True)
+    alpha = trainer.args.alpha_kd
+    expected = (1 - alpha) * gold_ce / gold_tokens + alpha * kd / generated_tokens
+    masked = (1 - alpha) * gold_ce / gold_tokens + alpha * reference_dskd_sums(trainer, generated)[1] / generated_tokens
+    assert abs(masked.item() / expected.item() - 1) > 5e-4  # 5× the tolerance: the mask matters on these sequences
+    assert_same_loss_and_gradients(loss, expected, trainable(trainer))
 
 
 def test_padded_teacher_vocabulary_uses_the_shared_ids(tmp_path, tokenizer, examples):

@@ -1,9 +1,9 @@
 """Distillation objectives: a plain dict from the config's `objective` name to its class.
 
 Each class is built as `Objective(config, student, teacher, bridge=VocabBridge)`. Same-vocabulary objectives are
-called with the gathered hidden states of the response positions, both LM heads, the gold labels and the CE/KD
-weights; cross-tokenizer ones (`cross_tokenizer = True`) with a `CrossTokenizerBatch` and the weights. Both return
-an `ObjectiveOutput`.
+called with the gathered hidden states of the response positions, both LM heads, the gold labels, the CE/KD weights
+and `on_policy` (whether the responses were generated during training); cross-tokenizer ones (`cross_tokenizer =
+True`) with a `CrossTokenizerBatch` and the weights. Both return an `ObjectiveOutput`.
 """
 
 from functools import partial

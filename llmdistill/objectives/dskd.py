@@ -4,6 +4,8 @@ space: student states through P_st and the teacher head."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -83,12 +85,23 @@ class DualSpaceProjectors(nn.Module):
         return self.s2t(student_hidden.to(self.s2t.weight.dtype))
 
 
+class AlignedPairs(NamedTuple):
+    """Teacher rows paired with student positions (ETA), over which L_ce_ts and L_kd_st are means."""
+
+    student_index: torch.Tensor  # [K] the student position of each pair
+    scale: torch.Tensor  # N / K over all ranks: a sum over the pairs that the trainer divides by N becomes their mean
+
+
 class DualSpaceKD:
     """KD = L_kd_ts + L_ce_ts + L_kd_st (METHODS §2); per-micro-batch means, returned as sums over its N positions
     (× N) so that the trainer's division by the step's token count gives each term's mean.
 
-    * student space: Z_ts = t2s(H_T) · stopgrad(W_S); ŷ = the teacher's own top-1 (v2) or the gold token (v1);
-      L_ce_ts = CE(Z_ts, ŷ) trains t2s only; a = [argmax Z_ts = ŷ]; L_kd_ts = Σ_a D(stopgrad Z_ts ‖ z_S) / Σ a.
+    * student space: Z_ts = t2s(H_T) · stopgrad(W_S); L_ce_ts = Σ CE(Z_ts, ŷ) / N trains t2s only.
+      v2 (DSKDv2's criterions/dual_space_kd_v2.py): ŷ = the teacher's own top-1. Off-policy, L_kd_ts =
+      Σ_a D(stopgrad Z_ts ‖ z_S) / Σ a over the agreeing positions a = [argmax Z_ts = ŷ] (the official code masks
+      while the batch's agreement rate is ≤ --t2s-agreement, whose default 1.0 means always); on generated sequences
+      (`on_policy`) L_kd_ts = Σ D / N over all positions with no mask, as its compute_on_policy_dual_space_kd_loss.
+      v1 (DSKD's criterions/dual_space_kd.py): ŷ = the gold token; L_kd_ts = Σ D / N over all positions, no mask.
     * teacher space: Z_st = s2t(H_S) · W_T (teacher head frozen); L_kd_st = Σ D(z_T ‖ Z_st) / N (v1: always fkl).
     """
 
@@ -107,42 +120,48 @@ class DualSpaceKD:
             student_head, teacher_head, shared, version, config.dskd_s2t
         ).to(student_head.weight.device)
 
-    def __call__(self, student_hidden, student_head, teacher_hidden, teacher_head, labels, ce_weight, kd_weight):
+    def __call__(self, student_hidden, student_head, teacher_hidden, teacher_head, labels, ce_weight, kd_weight,
+                 on_policy: bool = False):
         teacher_head = _first_rows(teacher_head, self.shared_rows)
-        return self.dual_space(student_hidden, student_head, labels, teacher_hidden, teacher_head, ce_weight, kd_weight)
+        agreement_mask = self.version == "v2" and not on_policy
+        return self.dual_space(
+            student_hidden, student_head, labels, teacher_hidden, teacher_head, ce_weight, kd_weight, agreement_mask
+        )
 
     def dual_space(
         self, student_hidden, student_head, labels, teacher_hidden, teacher_head, ce_weight, kd_weight,
-        student_index=None, teacher_to_student=None,
+        agreement_mask: bool, pairs: AlignedPairs | None = None, targets: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
-        """Both spaces over the teacher states `teacher_hidden` [K, D] paired with the student positions
-        `student_index` [K] (all N in order when None); `teacher_to_student` maps teacher top-1 ids to student ids
-        (-1: no student token, that pair leaves the student space). Gold CE covers all N student positions."""
+        """Both spaces over the teacher states `teacher_hidden` [K, D]: one per student position (all N in order), or
+        one per pair of `pairs`, labelled `targets` [K] (student ids), with L_ce_ts and L_kd_st means over the pairs.
+        L_kd_ts is a mean over the agreeing rows with `agreement_mask`. Gold CE covers all N student positions."""
         n = student_hidden.shape[0]
-        paired_student = student_hidden if student_index is None else student_hidden[student_index]
+        paired_student = student_hidden if pairs is None else student_hidden[pairs.student_index]
         kd_weight = kd_weight * self.kd_scale
-        terms, metrics, loss, teacher_top1 = {}, {}, 0.0, None
+        terms, metrics, loss = {}, {}, 0.0
         if self.spaces != "student":
-            teacher_space = self._teacher_space(paired_student, student_head, teacher_hidden, teacher_head, kd_weight)
+            pair_scale = 1.0 if pairs is None else pairs.scale
+            teacher_space = self._teacher_space(
+                paired_student, student_head, teacher_hidden, teacher_head, kd_weight * pair_scale
+            )
             loss = loss + teacher_space.loss
-            terms["kd_st"] = teacher_space.kd
+            terms["kd_st"] = teacher_space.kd * pair_scale
             metrics["s2t_agreement"] = 100 * teacher_space.top1_agreements / max(len(paired_student), 1)
-            teacher_top1 = teacher_space.teacher_top1
+            if targets is None and self.version == "v2":
+                targets = teacher_space.teacher_top1
         if self.spaces == "teacher":
             gold = distill_loss_from_hidden(
                 student_hidden, student_head, labels=labels, ce_weight=ce_weight, chunk_size=self.chunk_size
             )
             return dual_space_output(loss + gold.loss, gold.ce, terms, metrics, n)
-        if self.version == "v1":
-            targets = labels if student_index is None else labels[student_index]
-        else:
-            if teacher_top1 is None:
-                teacher_top1 = top1_from_hidden(teacher_hidden, teacher_head, chunk_size=self.chunk_size)
-            targets = teacher_top1 if teacher_to_student is None else teacher_to_student[teacher_top1]
+        if targets is None:
+            targets = labels if self.version == "v1" else top1_from_hidden(
+                teacher_hidden, teacher_head, chunk_size=self.chunk_size
+            )
         projected = self.projectors.to_student_space(teacher_hidden)
         space_loss, gold_ce, student_terms, accuracy = student_space_terms(
-            student_hidden, student_head, projected, labels, targets, student_index, ce_weight, kd_weight,
-            self.divergence_params, self.chunk_size,
+            student_hidden, student_head, projected, labels, targets, ce_weight, kd_weight, self.divergence_params,
+            self.chunk_size, agreement_mask, pairs,
         )
         metrics["t2s_accuracy"] = accuracy
         return dual_space_output(loss + space_loss, gold_ce, terms | student_terms, metrics, n)
@@ -158,41 +177,46 @@ class DualSpaceKD:
 
 
 def student_space_terms(
-    student_hidden, student_head, projected, labels, targets, student_index, ce_weight, kd_weight, divergence_params,
-    chunk_size,
+    student_hidden, student_head, projected, labels, targets, ce_weight, kd_weight, divergence_params, chunk_size,
+    agreement_mask: bool, pairs: AlignedPairs | None = None,
 ):
     """(loss, gold CE sum, {kd_ts, ce_ts} as sums, t2s accuracy in %) of the student-space terms, with the gold CE of
     the student fused into the same pass over its logits.
 
-    `projected` [K, d]: teacher-derived rows for the student positions `student_index` [K] (all N in order when
-    None), read by the student head without gradient into it; `targets` [K]: their labels (with `student_index`,
-    -1 = leave the pair out).
+    `projected` [K, d]: teacher-derived rows, one per student position (all N in order) or one per pair of `pairs`,
+    read by the student head without gradient into it; `targets` [K]: their labels. L_ce_ts sums over the rows (a mean
+    over the pairs with `pairs`). L_kd_ts is a mean over the agreeing rows with `agreement_mask`, else a sum over all.
     """
     n = student_hidden.shape[0]
-    if student_index is not None:  # pairs across vocabularies: a teacher top-1 may have no student token
-        has_target = targets >= 0
-        projected, targets, student_index = projected[has_target], targets[has_target], student_index[has_target]
     fixed_head = student_head.detached()
+    pair_scale = 1.0 if pairs is None else pairs.scale
     projected_ce = distill_loss_from_hidden(
-        projected, fixed_head, labels=targets, ce_weight=kd_weight, chunk_size=chunk_size
+        projected, fixed_head, labels=targets, ce_weight=kd_weight * pair_scale, chunk_size=chunk_size
     )
     agreement = (projected_ce.student_top1 == targets).float()
     agreeing = agreement.sum()
-    # L_kd_ts is a mean over the agreeing positions of all ranks' micro-batches, like the other terms' token counts
-    all_positions, all_agreeing = sum_over_ranks(torch.stack([agreement.new_tensor(n), agreeing]))
-    per_agreeing = all_positions / all_agreeing.clamp_min(1)
-    rows, weights = projected.detach(), agreement
-    if student_index is not None:
-        rows = projected.new_zeros(n, projected.shape[1]).index_copy_(0, student_index, rows)
-        weights = agreement.new_zeros(n).index_copy_(0, student_index, agreement)
+    per_agreeing = positions_per_item_over_ranks(n, agreeing)  # all-reduced masking or not: ranks stay in step
+    kd_ts_scale = per_agreeing if agreement_mask else 1.0
+    rows, weights = projected.detach(), agreement if agreement_mask else torch.ones_like(agreement)
+    if pairs is not None:
+        rows = projected.new_zeros(n, projected.shape[1]).index_copy_(0, pairs.student_index, rows)
+        weights = agreement.new_zeros(n).index_copy_(0, pairs.student_index, weights)
     student_space = distill_loss_from_hidden(
         student_hidden, student_head, rows, fixed_head, labels,
-        ce_weight=ce_weight, kd_weight=kd_weight * per_agreeing, kd_position_weights=weights,
+        ce_weight=ce_weight, kd_weight=kd_weight * kd_ts_scale, kd_position_weights=weights,
         chunk_size=chunk_size, **divergence_params,
     )
-    terms = {"kd_ts": student_space.kd * per_agreeing, "ce_ts": projected_ce.ce}
+    terms = {"kd_ts": student_space.kd * kd_ts_scale, "ce_ts": projected_ce.ce * pair_scale}
     accuracy = 100 * agreeing / max(len(targets), 1)
     return projected_ce.loss + student_space.loss, student_space.ce, terms, accuracy
+
+
+def positions_per_item_over_ranks(n: int, count: torch.Tensor) -> torch.Tensor:
+    """N / count with both summed over the ranks' current micro-batches (count at least 1): the factor that turns a
+    sum over `count` items, which the trainer divides by the token count, into their mean, as if one process had the
+    whole batch. Every rank must call this the same number of times."""
+    all_positions, all_counted = sum_over_ranks(torch.stack([count.new_tensor(n), count]))
+    return all_positions / all_counted.clamp_min(1)
 
 
 def dual_space_output(loss, ce_sum, terms: dict, metrics: dict, n: int) -> ObjectiveOutput:

@@ -33,7 +33,9 @@ class VanillaKD:
         labels: torch.Tensor,
         ce_weight: float,
         kd_weight: float,
+        on_policy: bool = False,
     ) -> ObjectiveOutput:
+        """`on_policy` (KD on generated responses) changes nothing here: the same divergence at every position."""
         sums = distill_loss_from_hidden(
             student_hidden,
             student_head,
