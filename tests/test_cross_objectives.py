@@ -195,9 +195,11 @@ def reference_cma(trainer, batch):
     t2s_hidden = torch.softmax(scores, -1) @ attention.t2s(t_hidden / t_hidden.std() + t_target_embeds / t_target_embeds.std())
     student_space = t2s_hidden @ ref.student_weight.detach().T
     student_logits = torch.stack([ref.student_logits[row, p] for row, p in s_rows])
-    # no agreement mask: Σ D over all N positions, divided by N in ref.total
-    kd_ts = divergence_per_position(
-        student_space.detach(), student_logits, trainer.args.divergence, trainer.args.temperature
+    # as the official CMA code: Σ D over the agreeing positions only, divided by all N in ref.total
+    agree = student_space.argmax(-1) == s_targets
+    kd_ts = (
+        divergence_per_position(student_space.detach(), student_logits, trainer.args.divergence, trainer.args.temperature)
+        * agree
     ).sum()
     ce_ts = F.cross_entropy(student_space, s_targets, reduction="sum")
     s2t_hidden = torch.softmax(scores.T, -1) @ attention.s2t(s_hidden)

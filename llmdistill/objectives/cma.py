@@ -38,10 +38,9 @@ class CrossModelAttentionKD:
     """KD = L_kd_ts + L_ce_ts + L_kd_st over the N student and M teacher response positions of the batch.
 
     * student space: Z_ts = (attended t2s values) · stopgrad(W_S); L_ce_ts = Σ CE(Z_ts, gold) / N trains the query and
-      t2s; L_kd_ts = Σ D(stopgrad Z_ts ‖ z_S) / N over all N positions, with no agreement mask, as DSKD v1's own
-      loss (DSKD's criterions/dual_space_kd.py). The official CMA code (criterions/
-      dual_space_kd_with_cross_model_attention.py) instead keeps only the positions where argmax Z_ts is the gold token
-      (`t2s_kd_loss * pad_mask * t2s_acc_mask`), still divided by N: here the mask is left out on purpose.
+      t2s; L_kd_ts = Σ D(stopgrad Z_ts ‖ z_S) over the positions where argmax Z_ts is the gold token, divided by all
+      N (not by the agreeing count), as the official CMA code (DSKD's criterions/
+      dual_space_kd_with_cross_model_attention.py: `t2s_kd_loss * pad_mask * t2s_acc_mask`, summed, over N).
     * teacher space: Z_st = (attended s2t values) · W_T (frozen); L_kd_st = Σ fkl(z_T ‖ Z_st) over the M teacher
       positions, divided by the student's N.
     """
@@ -73,7 +72,7 @@ class CrossModelAttentionKD:
         attended_teacher = torch.softmax(scores.float(), -1).to(values.dtype) @ values  # [N, d]
         space_loss, gold_ce, terms, accuracy = student_space_terms(
             student.hidden, student.head, attended_teacher, student.targets, student.targets, ce_weight, kd_weight,
-            self.divergence_params, self.chunk_size, agreement_mask=False,
+            self.divergence_params, self.chunk_size, agreement_mask=True, mean_over_agreeing=False,
         )
         student_values = self.projectors.s2t(student.hidden.to(self.projectors.s2t.weight.dtype))
         attended_student = torch.softmax(scores.T.float(), -1).to(student_values.dtype) @ student_values  # [M, D]

@@ -178,14 +178,15 @@ class DualSpaceKD:
 
 def student_space_terms(
     student_hidden, student_head, projected, labels, targets, ce_weight, kd_weight, divergence_params, chunk_size,
-    agreement_mask: bool, pairs: AlignedPairs | None = None,
+    agreement_mask: bool, pairs: AlignedPairs | None = None, mean_over_agreeing: bool = True,
 ):
     """(loss, gold CE sum, {kd_ts, ce_ts} as sums, t2s accuracy in %) of the student-space terms, with the gold CE of
     the student fused into the same pass over its logits.
 
     `projected` [K, d]: teacher-derived rows, one per student position (all N in order) or one per pair of `pairs`,
     read by the student head without gradient into it; `targets` [K]: their labels. L_ce_ts sums over the rows (a mean
-    over the pairs with `pairs`). L_kd_ts is a mean over the agreeing rows with `agreement_mask`, else a sum over all.
+    over the pairs with `pairs`). L_kd_ts is a mean over the agreeing rows with `agreement_mask` (a sum over them, left
+    to the caller's division by N, when not `mean_over_agreeing`), else a sum over all rows.
     """
     n = student_hidden.shape[0]
     fixed_head = student_head.detached()
@@ -196,7 +197,7 @@ def student_space_terms(
     agreement = (projected_ce.student_top1 == targets).float()
     agreeing = agreement.sum()
     per_agreeing = positions_per_item_over_ranks(n, agreeing)  # all-reduced masking or not: ranks stay in step
-    kd_ts_scale = per_agreeing if agreement_mask else 1.0
+    kd_ts_scale = per_agreeing if agreement_mask and mean_over_agreeing else 1.0
     rows, weights = projected.detach(), agreement if agreement_mask else torch.ones_like(agreement)
     if pairs is not None:
         rows = projected.new_zeros(n, projected.shape[1]).index_copy_(0, pairs.student_index, rows)
