@@ -35,12 +35,15 @@ from llmdistill.evaluation import PAPER_SEEDS, Protocol, rouge_l, sample_respons
 from llmdistill.quickstart.run import (  # noqa: E402
     DEFAULT, SMOKE, Students, Task, TrainingRun, greedy_scores, training_summary,
 )
-from student_comparison import METRICS, table, write  # noqa: E402
+from student_comparison import METRICS, mean_std, table, write  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "methods.md"
 QUICK = dataclasses.replace(DEFAULT, student_steps=60)
-COLUMNS = (*METRICS[:4], ("sampled_rouge_l", "ROUGE-L, sampled ↑", "{:.1f}"), METRICS[4])
+COLUMNS = (
+    *METRICS[:4], ("gold_ce", "held-out CE ↓", "{:.3f}"), ("long_exact_match", "exact match, long % ↑", "{:.1f}"),
+    ("sampled_rouge_l", "ROUGE-L, sampled ↑", "{:.1f}"), METRICS[4],
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +53,18 @@ class Method:
     divergence: str = "fkl"
     source: str = "gt"
     cross_tokenizer: bool = False
+    teacher_embeddings: bool = False  # the student starts from the teacher's embeddings (principal projection)
 
 
 METHODS = (
     Method("SFT", "sft"),
     *(Method(f"KD ({divergence})", "vanilla", divergence) for divergence in DIVERGENCES),
     Method("DSKD", "dskd"),
+    Method("SFT, teacher-embedding init", "sft", teacher_embeddings=True),
+    Method("KD (fkl), teacher-embedding init", "vanilla", teacher_embeddings=True),
+    Method("DSKD, teacher-embedding init", "dskd", teacher_embeddings=True),
     Method("SeqKD", "vanilla", source="teacher"),
+    Method("on-policy KD (student only)", "vanilla", source="student"),
     Method("GKD", "vanilla", "jsd", "mixed"),
     Method("DistiLLM", "vanilla", "skl", "adaptive"),
     Method("SKD", "vanilla", source="skd"),
@@ -68,8 +76,22 @@ METHODS = (
     Method("CMA (DSKD v1)", "cma", cross_tokenizer=True),
     Method("shared-vocabulary KD", "simple_ctkd", cross_tokenizer=True),
 )
+# The papers' claims, each as (claim, the method claimed better, the one it is compared with, metrics).
+CLAIMS = (
+    ("KD > SFT", "KD (fkl)", "SFT", ("exact_match", "gold_ce")),
+    ("DSKD > vanilla KD (DSKD)", "DSKD", "KD (fkl)", ("exact_match", "gold_ce")),
+    ("DSKD > vanilla KD, teacher-embedding init", "DSKD, teacher-embedding init", "KD (fkl), teacher-embedding init",
+     ("exact_match", "gold_ce")),
+    ("on-policy > off-policy KD (GKD)", "GKD", "KD (fkl)", ("exact_match", "gold_ce")),
+    ("on-policy > off-policy KD (DistiLLM)", "DistiLLM", "KD (fkl)", ("exact_match", "gold_ce")),
+    ("SWITCH > student-only on-policy (SWITCH)", "SWITCH", "on-policy KD (student only)",
+     ("exact_match", "long_exact_match", "gold_ce")),
+    *((f"DSKD-ETA > {other} (DSKDv2)", "DSKD-ETA", other, ("exact_match", "gold_ce"))
+      for other in ("ULD", "MinED", "CMA (DSKD v1)")),
+)
+LOWER_IS_BETTER = {"gold_ce", "teacher_student_kl"}
 # Relative time per step by source (measured): the pool starts the longest jobs first.
-COST = {"gt": 1, "adaptive": 2, "mixed": 3, "teacher": 3, "skd": 4, "switch": 4}
+COST = {"gt": 1, "adaptive": 2, "mixed": 3, "teacher": 3, "student": 4, "skd": 4, "switch": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +114,7 @@ def main() -> None:
     started = time.perf_counter()
     settings = SMOKE if args.smoke else QUICK if args.quick else DEFAULT
     seeds = args.seeds or ([0] if args.quick or args.smoke else [0, 1, 2])
-    sampling_seeds = PAPER_SEEDS[:1] if args.quick or args.smoke else PAPER_SEEDS
+    sampling_seeds = tuple(args.sampling_seeds or (PAPER_SEEDS[:1] if args.quick or args.smoke else PAPER_SEEDS))
     methods = [method for method in METHODS if not args.methods or method.name in args.methods]
     unknown = set(args.methods or ()) - {method.name for method in METHODS}
     if unknown:
@@ -114,6 +136,8 @@ def _parse_args() -> argparse.Namespace:
     modes.add_argument("--quick", action="store_true", help="one seed, 60 steps per student, one sampling seed")
     modes.add_argument("--smoke", action="store_true", help="the quickstart's smoke settings (seconds)")
     parser.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; 0 with --quick)")
+    parser.add_argument("--sampling-seeds", type=int, nargs="+",
+                        help=f"seeds of the papers' sampled ROUGE-L (default {list(PAPER_SEEDS)}; the first with --quick)")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel students")
     parser.add_argument("--output-dir", type=Path, help="default runs/methods (runs/methods-quick with --quick)")
@@ -132,14 +156,20 @@ def _jobs(task: Task, methods: list[Method], seeds: list[int], sampling_seeds: t
     settings, jobs = task.settings, []
     students = {cross: Students(task, cross) for cross in {method.cross_tokenizer for method in methods}}
     for seed in seeds:
-        inits = {cross: group.initialisation(group.directory / f"student-init-seed{seed}", seed)
-                 for cross, group in students.items()}
+        inits = {
+            (method.cross_tokenizer, method.teacher_embeddings): students[method.cross_tokenizer].initialisation(
+                students[method.cross_tokenizer].directory / f"student-init-seed{seed}"
+                f"{'-teacher-embeddings' if method.teacher_embeddings else ''}", seed, method.teacher_embeddings,
+            )
+            for method in methods
+        }
         for method in methods:
             run = TrainingRun(method.objective, settings.student_steps, settings.student_learning_rate,
                               settings.batch_size, method.source, settings.max_new_tokens, method.divergence)
             group = students[method.cross_tokenizer]
             directory = group.directory / f"seed{seed}" / _slug(method.name)
-            jobs.append(Job(method, seed, group, inits[method.cross_tokenizer], directory, run, sampling_seeds))
+            init = inits[method.cross_tokenizer, method.teacher_embeddings]
+            jobs.append(Job(method, seed, group, init, directory, run, sampling_seeds))
     return jobs
 
 
@@ -167,6 +197,7 @@ def train_and_score(job: Job) -> dict:
     student = AutoModelForCausalLM.from_pretrained(job.directory)
     row = _scores(student, job.students.tokenizer, task, job.sampling_seeds)
     row |= job.students.fidelity(teacher)(student) | training_summary(history)
+    row["gold_ce"] = job.students.gold_ce(student)
     row["job_seconds"] = time.perf_counter() - started
     saved.write_text(json.dumps({"fingerprint": job.fingerprint(), "row": row}))
     return row
@@ -175,6 +206,7 @@ def train_and_score(job: Job) -> dict:
 def _scores(model, tokenizer, task: Task, sampling_seeds: tuple[int, ...]) -> dict:
     """Greedy exact match and ROUGE-L (as the quickstart) and the papers' sampled ROUGE-L, averaged over seeds."""
     row = greedy_scores(model, tokenizer, task.eval_rows, task.settings.max_new_tokens)
+    row["long_exact_match"], row["long_rouge_l"] = row["long"]["exact_match"], row["long"]["rouge_l"]
     prompts, references = [row["prompt"] for row in task.eval_rows], [row["response"] for row in task.eval_rows]
     sampled = [rouge_l(sample_responses(model, tokenizer, prompts, Protocol(), seed), references)
                for seed in sampling_seeds]
@@ -183,7 +215,9 @@ def _scores(model, tokenizer, task: Task, sampling_seeds: tuple[int, ...]) -> di
 
 def _teacher_scores(task: Task, sampling_seeds: tuple[int, ...]) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
-    return _scores(teacher, task.teacher_tokenizer, task, sampling_seeds)
+    return _scores(teacher, task.teacher_tokenizer, task, sampling_seeds) | {
+        "gold_ce": Students(task).gold_ce(teacher)
+    }
 
 
 def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall) -> list[str]:
@@ -207,6 +241,13 @@ def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall)
         "(cross-tokenizer: at ETA-aligned positions over the shared vocabulary); exact match and ROUGE-L on greedy",
         "responses. Time per step relative to SFT with the same tokenizer, within each seed's run.",
         "",
+        "## The papers' claims",
+        "",
+        "A claim holds when the claimed-better method's mean beats the other's by more than the larger of their two",
+        "seed standard deviations; \"within noise\" when it is ahead by less; otherwise it does not hold.",
+        "",
+        *_claims(runs, {method.name for method in methods}),
+        "",
         "## Same tokenizer",
         "",
         *(table(runs, same, "SFT", COLUMNS) if same else []),
@@ -215,12 +256,41 @@ def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall)
         "",
         *(table(runs, cross, "SFT, own tokenizer", COLUMNS) if "SFT, own tokenizer" in cross else []),
         "",
-        f"Teacher: exact match {teacher['exact_match']:.1f}%, ROUGE-L {teacher['rouge_l']:.1f} greedy, "
-        f"{teacher['sampled_rouge_l']:.1f} sampled.",
+        f"Teacher: exact match {teacher['exact_match']:.1f}% (long responses {teacher['long_exact_match']:.1f}%), "
+        f"ROUGE-L {teacher['rouge_l']:.1f} greedy, {teacher['sampled_rouge_l']:.1f} sampled, held-out CE "
+        f"{teacher['gold_ce']:.3f}.",
+        "",
+        *_t2s_lines(runs, methods),
         "",
         f"![every method]({args.results.with_suffix('.png').name})",
     ]
     return lines
+
+
+def _claims(runs: list[dict], names: set[str]) -> list[str]:
+    lines = ["| claim | metric | claimed better | compared with | verdict |", "|---|---|---|---|---|"]
+    titles = {key: title for key, title, _ in COLUMNS}
+    for claim, better, other, metrics in CLAIMS:
+        if not {better, other} <= names:
+            continue
+        for key in metrics:
+            values = [[run["models"][name][key] for run in runs] for name in (better, other)]
+            means = [statistics.mean(v) for v in values]
+            spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in values)
+            lead = (means[1] - means[0]) if key in LOWER_IS_BETTER else (means[0] - means[1])
+            verdict = "holds" if lead > spread else "within noise" if lead > 0 else "does not hold"
+            fmt = "{:.3f}" if key in LOWER_IS_BETTER else "{:.1f}"
+            cells = [mean_std(v, fmt) for v in values]
+            lines.append(f"| {claim} | {titles[key]} | {better}: {cells[0]} | {other}: {cells[1]} | {verdict} |")
+    return lines
+
+
+def _t2s_lines(runs: list[dict], methods: list[Method]) -> list[str]:
+    """The projector objectives' t2s accuracy at the end of training: how often the teacher's projected state,
+    read by the student's head, gives the teacher's own top-1 (DSKD's ideal projector is only as good as this)."""
+    names = [method.name for method in methods if "t2s_accuracy" in runs[0]["models"][method.name]]
+    cells = [f"{name} {mean_std([run['models'][name]['t2s_accuracy'] for run in runs], '{:.1f}')}%" for name in names]
+    return ["t2s accuracy at the end of training: " + "; ".join(cells) + "."] if names else []
 
 
 def _timing(runs: list[dict], wall: float) -> str:
@@ -232,9 +302,9 @@ def _timing(runs: list[dict], wall: float) -> str:
 
 
 def _chart(methods: list[Method], runs: list[dict], teacher: dict, path: Path) -> None:
-    """Horizontal bars (mean, std as error bar) of KL, greedy ROUGE-L and sampled ROUGE-L per method."""
-    panels = (("teacher_student_kl", "teacher→student KL ↓"), ("rouge_l", "ROUGE-L, greedy ↑"),
-              ("sampled_rouge_l", "ROUGE-L, sampled ↑"))
+    """Horizontal bars (mean, std as error bar) of exact match, held-out CE and KL per method."""
+    panels = (("exact_match", "exact match %, greedy ↑"), ("gold_ce", "held-out CE on the references ↓"),
+              ("teacher_student_kl", "teacher→student KL ↓"))
     names = [method.name for method in methods]
     colours = ["tab:orange" if method.cross_tokenizer else "tab:blue" for method in methods]
     figure, axes = plt.subplots(1, len(panels), figsize=(15, 0.35 * len(names) + 1.5), sharey=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from llmdistill.evaluation import PAPER_SEEDS, Protocol, evaluate_model
+from llmdistill.quickstart.teacher import embedded_teacher_dir
 from student_comparison import write
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "datasets"
@@ -29,7 +30,7 @@ EVAL_SETS = (
     "minillm-kd-eval/dolly/valid.jsonl", "minillm-kd-eval/self-inst/valid.jsonl", "minillm-kd-eval/vicuna/valid.jsonl",
     "minillm-kd-eval/sinst-11_/valid.jsonl", "gsm8k/test.jsonl",
 )
-MODELS = (  # table name, folder under --models-dir
+MODELS = (  # table name, folder under --models-dir (the teacher is the quickstart's embedded one)
     ("teacher", "teacher"), ("SFT", "seed0/sft"), ("KD (fkl)", "seed0/kd-fkl"), ("DSKD", "seed0/dskd"),
     ("SWITCH", "seed0/switch"), ("DSKD-ETA (own tokenizer)", "cross_tokenizer/seed0/dskd-eta"),
 )
@@ -45,12 +46,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    missing = [folder for _, folder in MODELS if not (args.models_dir / folder / "config.json").is_file()]
+    teacher_dir = embedded_teacher_dir()
+    folders = {folder: teacher_dir if folder == "teacher" else args.models_dir / folder for _, folder in MODELS}
+    missing = [folder for folder, path in folders.items() if not (path / "config.json").is_file()]
     if missing:
         raise SystemExit(f"{args.models_dir} lacks {missing}: run benchmarks/methods.py first (or pass --models-dir)")
     started = time.perf_counter()
     data = [args.data_dir / path for path in EVAL_SETS]
-    jobs = [(args.models_dir / folder, data, args.models_dir / "teacher", args.seeds, args.limit)
+    jobs = [(folders[folder], args.models_dir / folder / "eval-real-data", data, teacher_dir, args.seeds, args.limit)
             for name, folder in MODELS]
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_evaluate, jobs))
@@ -59,10 +62,9 @@ def main() -> None:
 
 def _evaluate(job: tuple) -> dict:
     torch.set_num_threads(1)
-    model_dir, data, teacher_dir, seeds, limit = job
+    model_dir, output_dir, data, teacher_dir, seeds, limit = job
     teacher = None if model_dir == teacher_dir else teacher_dir
-    return evaluate_model(model_dir, data, model_dir / "eval-real-data", teacher, tuple(seeds), Protocol(), limit,
-                          progress=False)
+    return evaluate_model(model_dir, data, output_dir, teacher, tuple(seeds), Protocol(), limit, progress=False)
 
 
 def _header(dataset: str, row: dict) -> str:

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llmdistill", description="Distill a causal LM into a smaller one.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train a student: llmdistill train [CONFIG.yaml] [--option value ...]")
-    quickstart = commands.add_parser("quickstart", help="the offline demo: teacher, SFT student, KD student")
+    quickstart = commands.add_parser("quickstart", help="the offline demo: the embedded teacher distilled into an SFT and a KD student")
     quickstart.add_argument("--output-dir", default="llmdistill-quickstart", help="where everything is written")
     quickstart.add_argument("--seed", type=int, default=0, help="data, initialisation and training seed")
     quickstart.add_argument("--smoke", action="store_true", help="a seconds-long run of the same code path")

@@ -65,6 +65,25 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
 
 
 @torch.no_grad()
+def gold_cross_entropy(model: PreTrainedModel, tokenised_dataset, pad_token_id: int, batch_size: int = 16) -> float:
+    """Mean cross-entropy (nats per token) of `model` on the reference responses' tokens: how well it predicts the
+    gold text, whoever wrote its own generations."""
+    collate = DistillCollator(pad_token_id)
+    device = next(model.parameters()).device
+    ce_sum, tokens = 0.0, 0
+    for start in range(0, len(tokenised_dataset), batch_size):
+        batch = collate([tokenised_dataset[i] for i in range(start, min(start + batch_size, len(tokenised_dataset)))])
+        batch = {key: value.to(device) for key, value in batch.items()}
+        labels = batch["labels"][:, 1:]
+        supervised = labels != IGNORE_INDEX
+        hidden = supervised_hidden_states(model, batch["input_ids"], batch["attention_mask"], supervised)
+        sums = distill_loss_from_hidden(hidden, LMHead.of(model), labels=labels[supervised])
+        ce_sum += sums.ce.item()
+        tokens += sums.count
+    return ce_sum / tokens
+
+
+@torch.no_grad()
 def teacher_student_fidelity(
     teacher: PreTrainedModel,
     student: PreTrainedModel,

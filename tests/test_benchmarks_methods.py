@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import needs_shared_data
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-METHODS = ["SFT", "KD (fkl)", "DSKD", "SWITCH", "SFT, own tokenizer", "DSKD-ETA"]
+METHODS = ["SFT", "KD (fkl)", "DSKD", "DSKD, teacher-embedding init", "SWITCH", "SFT, own tokenizer", "DSKD-ETA"]
 
 
 def _run(script: str, *arguments: str) -> str:
@@ -27,6 +27,9 @@ def test_methods_benchmark_tables_every_method_it_trains_and_real_data_evaluates
     for method in METHODS:
         assert f"| {method} |" in table
     assert "| KD (rkl) |" not in table
+    assert "| KD > SFT | exact match % ↑ | KD (fkl): " in table and "| KD > SFT | held-out CE ↓ |" in table
+    assert "DSKD > vanilla KD (DSKD)" in table and "SWITCH > student-only" not in table  # only claims it can judge
+    assert "t2s accuracy at the end of training: DSKD " in table
     assert "time per step vs SFT |" in table and "time per step vs SFT, own tokenizer |" in table
     assert (tmp_path / "methods.png").stat().st_size > 10_000
 

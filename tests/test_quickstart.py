@@ -6,10 +6,13 @@ import json
 
 import pytest
 
+from transformers import AutoModelForCausalLM
+
 from llmdistill.quickstart.run import run_quickstart
+from llmdistill.quickstart.teacher import embedded_teacher_dir
 
 
-def test_smoke_quickstart_writes_results_and_reuses_the_teacher(tmp_path, capsys):
+def test_smoke_quickstart_writes_results_with_the_embedded_teacher(tmp_path):
     results = run_quickstart(tmp_path, smoke=True)
     assert set(results["models"]) == {"teacher", "student-sft", "student-kd"}
     for name in ("results.json", "results.md", "training_curves.png"):
@@ -17,11 +20,12 @@ def test_smoke_quickstart_writes_results_and_reuses_the_teacher(tmp_path, capsys
     assert json.loads((tmp_path / "results.json").read_text())["models"] == results["models"]
     kd = results["models"]["student-kd"]
     assert 0 <= kd["top1_agreement"] <= 100 and kd["teacher_student_kl"] >= 0
-    teacher_weights = (tmp_path / "teacher" / "model.safetensors").stat().st_mtime_ns
-
-    run_quickstart(tmp_path, smoke=True)
-    assert "reusing the teacher" in capsys.readouterr().out
-    assert (tmp_path / "teacher" / "model.safetensors").stat().st_mtime_ns == teacher_weights
+    assert results["models"]["teacher"]["parameters"] == AutoModelForCausalLM.from_pretrained(
+        embedded_teacher_dir()
+    ).num_parameters()
+    # the embedded teacher predicts the held-out references far better than an untrained student
+    assert results["models"]["teacher"]["gold_ce"] < 0.5 < kd["gold_ce"]
+    assert not (tmp_path / "teacher").exists()  # nothing is trained for the teacher
 
 
 def test_quickstart_objective_dskd_trains_a_dskd_student_beside_sft(tmp_path):
@@ -60,3 +64,18 @@ def test_quickstart_source_switch_trains_the_kd_student_on_switch_rollouts(tmp_p
     assert set(switch["by_task"]) == {"arithmetic", "reverse", "sort", "lookup", "count", "repeat", "uppercase"}
     with pytest.raises(SystemExit):
         main(["quickstart", "--smoke", "--cross-tokenizer", "--source", "switch", "--output-dir", str(tmp_path)])
+
+
+def test_principal_projection_keeps_the_teachers_token_geometry():
+    import torch
+
+    from llmdistill.quickstart.run import principal_projection
+
+    generator = torch.Generator().manual_seed(0)
+    rank_four = torch.randn(50, 4, generator=generator) @ torch.randn(4, 12, generator=generator)
+    projected = principal_projection(rank_four, 4)
+    assert projected.shape == (50, 4)
+    # every inner product between tokens (what an LM head's logits are made of) survives a projection to the rank
+    torch.testing.assert_close(projected @ projected.T, rank_four @ rank_four.T, atol=1e-4, rtol=1e-4)
+    full_rank = torch.randn(50, 12, generator=generator)
+    assert (principal_projection(full_rank, 4) @ principal_projection(full_rank, 4).T - full_rank @ full_rank.T).norm() > 1

@@ -4,7 +4,9 @@ from collections import Counter
 import pytest
 from transformers import AutoTokenizer
 
-from llmdistill.quickstart.task import PROMPT_TEMPLATE, SUBTASKS, make_examples, make_splits
+from llmdistill.quickstart.task import (
+    PROMPT_TEMPLATE, SUBTASKS, is_held_out, make_examples, make_splits, make_training_rows,
+)
 from llmdistill.quickstart.tokenizer import train_tokenizer
 
 PROMPT_PREFIX, PROMPT_SUFFIX = PROMPT_TEMPLATE.split("{instruction}")
@@ -61,6 +63,14 @@ def test_make_splits_sizes_and_prompt_uniqueness(splits):
     train_prompts = {example["prompt"] for example in train}
     assert len(train_prompts) == len(train)
     assert not train_prompts & {example["prompt"] for example in held_out}
+
+
+def test_eval_prompts_come_from_the_held_out_share_only(splits):
+    train, held_out = splits
+    assert all(is_held_out(example["prompt"]) for example in held_out)
+    assert not any(is_held_out(example["prompt"]) for example in train + make_training_rows(7, 500))
+    share = sum(map(is_held_out, (example["prompt"] for example in make_examples(2000, seed=5)))) / 2000
+    assert 0.07 < share < 0.13
 
 
 def test_eval_split_does_not_depend_on_train_size(splits):

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 COLUMNS = (  # key, header, number format
     ("exact_match", "exact match % ↑", "{:.1f}"),
     ("rouge_l", "ROUGE-L ↑", "{:.1f}"),
+    ("gold_ce", "held-out CE ↓", "{:.3f}"),
     ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
     ("top1_agreement", "top-1 agreement % ↑", "{:.1f}"),
     ("teacher_written_fraction", "teacher-written share of generated training tokens", "{:.1%}"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..evaluation import (
     cross_tokenizer_fidelity,
     exact_match,
     generate_responses,
+    gold_cross_entropy,
     rouge_l,
     teacher_student_fidelity,
 )
@@ -25,6 +25,7 @@ from ..trainer import DistillTrainer
 from ..vocab import VocabBridge
 from .report import plot_training_curves, results_table
 from .task import make_splits
+from .teacher import embedded_teacher_dir
 from .tokenizer import train_tokenizer
 
 
@@ -32,26 +33,21 @@ from .tokenizer import train_tokenizer
 class QuickstartSettings:
     n_train: int
     n_eval: int
-    vocab_size: int
-    teacher_shape: tuple[int, int, int]  # hidden size, layers, attention heads
-    student_shape: tuple[int, int, int]
-    teacher_steps: int
+    vocab_size: int  # of the students' own tokenizer in cross-tokenizer mode
+    student_shape: tuple[int, int, int]  # hidden size, layers, attention heads
     student_steps: int
     batch_size: int
-    teacher_learning_rate: float
     student_learning_rate: float
     max_new_tokens: int
 
 
 DEFAULT = QuickstartSettings(
-    n_train=3000, n_eval=100, vocab_size=512, teacher_shape=(128, 4, 4), student_shape=(64, 2, 2),
-    teacher_steps=1100, student_steps=300, batch_size=16, teacher_learning_rate=2e-3, student_learning_rate=3e-3,
-    max_new_tokens=160,
+    n_train=3000, n_eval=100, vocab_size=512, student_shape=(64, 2, 2), student_steps=300, batch_size=16,
+    student_learning_rate=3e-3, max_new_tokens=160,
 )
 SMOKE = QuickstartSettings(
-    n_train=64, n_eval=8, vocab_size=300, teacher_shape=(32, 1, 2), student_shape=(16, 1, 2),
-    teacher_steps=3, student_steps=3, batch_size=8, teacher_learning_rate=1e-3, student_learning_rate=3e-3,
-    max_new_tokens=16,
+    n_train=64, n_eval=8, vocab_size=300, student_shape=(16, 1, 2), student_steps=3, batch_size=8,
+    student_learning_rate=3e-3, max_new_tokens=16,
 )
 DATA_FORMAT = ExampleFormat(prompt_column="prompt", response_column="response")
 DEV_SEED_OFFSET = 1000  # the validation rows of source=adaptive come from their own task seed
@@ -61,6 +57,7 @@ ROLLOUT_KEYS = (
     "teacher_written_fraction_64+", "generated_batches_fraction", "rollout_tokens_per_second",
 )
 MAX_PROMPT_LENGTH, MAX_LENGTH = 256, 512
+LONG_RESPONSE_TOKENS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +69,7 @@ class TrainingRun:
     source: str = "gt"
     max_new_tokens: int = 128
     divergence: str = "fkl"
+    temperature: float = 1.0
 
 
 def run_quickstart(
@@ -96,7 +94,7 @@ def run_quickstart(
     settings, student_seed = task.settings, seed if student_seed is None else student_seed
     students = Students(task, cross_tokenizer)
     student_init = students.initialisation(students.directory / "student-init", student_seed)
-    histories = {"teacher": json.loads((task.teacher_dir / "log_history.json").read_text())}
+    histories = {}
     runs = [
         TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size, source,
                     settings.max_new_tokens)
@@ -123,8 +121,8 @@ def run_quickstart(
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """The quickstart task under `out`: its rows (also written to data/*.jsonl), the teacher's byte-level BPE and
-    the teacher, trained once and reused by every later run with the same settings and seed."""
+    """The quickstart task under `out`: its rows (also written to data/*.jsonl) and the embedded teacher, which
+    was trained on rows of the same task and never on a held-out prompt (see `quickstart.teacher`)."""
 
     out: Path
     seed: int
@@ -140,9 +138,8 @@ class Task:
         train_rows, eval_rows = make_splits(seed, settings.n_train, settings.n_eval)
         for name, rows in (("train", train_rows), ("held_out", eval_rows)):
             _write_jsonl(out / "data" / f"{name}.jsonl", rows)
-        tokenizer = _tokenizer(out / "tokenizer", train_rows, settings.vocab_size)
-        teacher_dir = _teacher(out, tokenizer, _tokenised(train_rows, tokenizer, "train"), settings, seed)
-        return cls(out, seed, settings, train_rows, eval_rows, tokenizer, teacher_dir)
+        teacher_dir = embedded_teacher_dir()
+        return cls(out, seed, settings, train_rows, eval_rows, AutoTokenizer.from_pretrained(teacher_dir), teacher_dir)
 
     def dev_rows(self) -> list[dict]:
         """Validation rows of their own (source=adaptive watches their loss)."""
@@ -164,23 +161,36 @@ class Students:
         else:
             self.directory, self.tokenizer = task.out, task.teacher_tokenizer
             self.train_set = _tokenised(task.train_rows, task.teacher_tokenizer, "train")
+        self.held_out = _tokenised(task.eval_rows, self.tokenizer, "held-out")
 
-    def initialisation(self, directory: Path, student_seed: int) -> Path:
-        """Saves the students' shared initial weights, drawn from `student_seed`."""
-        return _save_init(directory, self.tokenizer, self.task.settings.student_shape, student_seed + 1)
+    def initialisation(self, directory: Path, student_seed: int, teacher_embeddings: bool = False) -> Path:
+        """Saves the students' shared initial weights, drawn from `student_seed`; with `teacher_embeddings` the
+        (tied) embedding matrix is the teacher's, projected onto its leading principal directions."""
+        embeddings = None
+        if teacher_embeddings:
+            if self.cross_tokenizer:
+                raise ValueError("teacher_embeddings needs the teacher's vocabulary; the students have their own")
+            teacher = AutoModelForCausalLM.from_pretrained(self.task.teacher_dir)
+            embeddings = principal_projection(teacher.get_input_embeddings().weight, self.task.settings.student_shape[0])
+        return _save_init(directory, self.tokenizer, self.task.settings.student_shape, student_seed + 1, embeddings)
 
     def train(self, directory: Path, init_dir: Path, run: TrainingRun, student_seed: int) -> list[dict]:
         """Trains one student from `init_dir` into `directory`; returns its log history."""
         return _train(directory, init_dir, self.task.teacher_dir, run, self.tokenizer, self.train_set, student_seed,
                       self.task.teacher_tokenizer, dev_rows=self.task.dev_rows())
 
+    def gold_ce(self, model) -> float:
+        """The student's cross-entropy per token on the held-out references, in its own tokenization."""
+        return gold_cross_entropy(model, self.held_out, self.tokenizer.pad_token_id)
+
     def fidelity(self, teacher):
         """student model → its KL to the teacher and top-1 agreement on the held-out references (at aligned
         positions over the shared vocabulary when the tokenizers differ)."""
         eval_rows, teacher_tokenizer = self.task.eval_rows, self.task.teacher_tokenizer
         if not self.cross_tokenizer:
-            held_out = _tokenised(eval_rows, teacher_tokenizer, "held-out")
-            return lambda model: teacher_student_fidelity(teacher, model, held_out, teacher_tokenizer.pad_token_id)
+            return lambda model: teacher_student_fidelity(
+                teacher, model, self.held_out, teacher_tokenizer.pad_token_id
+            )
         held_out = prepare_dataset(
             datasets.Dataset.from_list(eval_rows), self.tokenizer, DATA_FORMAT, MAX_PROMPT_LENGTH, MAX_LENGTH,
             name="held-out", teacher_tokenizer=teacher_tokenizer,
@@ -197,13 +207,25 @@ def student_name(objective: str, source: str = "gt") -> str:
 
 
 def training_summary(history: list[dict]) -> dict:
-    """Seconds per optimizer step and, for generating sources, the mean logged rollout statistics."""
+    """Seconds per optimizer step, the mean logged rollout statistics of generating sources, and the last logged
+    t2s accuracy of projector objectives (how often the projected teacher state, read by the student's head, gives
+    the teacher's own top-1)."""
     summary = {"seconds_per_step": history[-1]["train_runtime"] / history[-1]["step"]}
     for key in ROLLOUT_KEYS:
         values = [entry[key] for entry in history if key in entry]
         if values:
             summary[key] = sum(values) / len(values)
+    t2s = [entry["t2s_accuracy"] for entry in history if "t2s_accuracy" in entry]
+    if t2s:
+        summary["t2s_accuracy"] = t2s[-1]
     return summary
+
+
+def principal_projection(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """`weight` [V, D] projected onto its `width` leading right singular vectors: [V, width], the best rank-`width`
+    copy of the teacher's token geometry in the student's width."""
+    _, _, right = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    return weight.detach().float() @ right[:width].T
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -224,22 +246,9 @@ def _tokenizer(directory: Path, rows: list[dict], vocab_size: int, family: str =
     return AutoTokenizer.from_pretrained(directory)
 
 
-def _teacher(out: Path, tokenizer, train_set, settings: QuickstartSettings, seed: int) -> Path:
-    """Trains the teacher once; a later run with the same settings and seed reuses it."""
-    teacher_dir = out / "teacher"
-    fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(settings), seed]).encode()).hexdigest()
-    stamp = teacher_dir / "quickstart_fingerprint.txt"
-    if stamp.is_file() and stamp.read_text() == fingerprint:
-        print(f"reusing the teacher in {teacher_dir}")
-        return teacher_dir
-    init_dir = _save_init(out / "teacher-init", tokenizer, settings.teacher_shape, seed)
-    run = TrainingRun("sft", settings.teacher_steps, settings.teacher_learning_rate, settings.batch_size)
-    _train(teacher_dir, init_dir, None, run, tokenizer, train_set, seed)
-    stamp.write_text(fingerprint)
-    return teacher_dir
-
-
-def _save_init(directory: Path, tokenizer, shape: tuple[int, int, int], seed: int) -> Path:
+def _save_init(
+    directory: Path, tokenizer, shape: tuple[int, int, int], seed: int, embeddings: torch.Tensor | None = None
+) -> Path:
     hidden, layers, heads = shape
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -248,7 +257,11 @@ def _save_init(directory: Path, tokenizer, shape: tuple[int, int, int], seed: in
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model = LlamaForCausalLM(config)
+    if embeddings is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.copy_(embeddings)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -266,6 +279,7 @@ def _train(
         objective=run.objective,
         alpha_kd=0.5,
         divergence=run.divergence,
+        temperature=run.temperature,
         student_model_name_or_path=str(student_dir),
         teacher_model_name_or_path=str(teacher_dir) if teacher_dir else None,
         max_steps=run.steps,
@@ -308,6 +322,9 @@ def _evaluate(task: Task, students: Students, names: list[str]) -> dict:
         model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(students.directory / name)
         tokenizer = task.teacher_tokenizer if name == "teacher" else students.tokenizer
         row = greedy_scores(model, tokenizer, task.eval_rows, task.settings.max_new_tokens)
+        row["gold_ce"] = students.gold_ce(model) if name != "teacher" else gold_cross_entropy(
+            teacher, _tokenised(task.eval_rows, tokenizer, "held-out"), tokenizer.pad_token_id
+        )
         if name != "teacher":
             row |= fidelity(model)
         row["parameters"] = model.num_parameters()
@@ -316,17 +333,22 @@ def _evaluate(task: Task, students: Students, names: list[str]) -> dict:
 
 
 def greedy_scores(model, tokenizer, eval_rows: list[dict], max_new_tokens: int) -> dict:
-    """Exact match and ROUGE-L of greedy responses to the held-out prompts, overall and per sub-task (`by_task`)."""
+    """Exact match and ROUGE-L of greedy responses to the held-out prompts: overall, per sub-task (`by_task`), and
+    over the long references (`long`: at least LONG_RESPONSE_TOKENS tokens, where SWITCH claims its gain)."""
     predictions = generate_responses(model, tokenizer, [row["prompt"] for row in eval_rows], max_new_tokens)
-    references, tasks = [row["response"] for row in eval_rows], [row["task"] for row in eval_rows]
+    references = [row["response"] for row in eval_rows]
     row = _generation_scores(predictions, references)
-    row["by_task"] = {
-        task: _generation_scores(*zip(*[(p, r) for p, r, t in zip(predictions, references, tasks) if t == task]))
-        for task in dict.fromkeys(tasks)
-    }
+    tasks = [example["task"] for example in eval_rows]
+    groups = {task: [other == task for other in tasks] for task in dict.fromkeys(tasks)}
+    row["by_task"] = {task: _generation_scores(predictions, references, chosen) for task, chosen in groups.items()}
+    long = [len(tokenizer(reference)["input_ids"]) >= LONG_RESPONSE_TOKENS for reference in references]
+    if any(long):
+        row["long"] = _generation_scores(predictions, references, long) | {"rows": sum(long)}
     return row
 
 
-def _generation_scores(predictions, references) -> dict:
+def _generation_scores(predictions, references, chosen: list[bool] | None = None) -> dict:
+    if chosen is not None:
+        predictions, references = zip(*[(p, r) for p, r, keep in zip(predictions, references, chosen) if keep])
     predictions, references = list(predictions), list(references)
     return {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}

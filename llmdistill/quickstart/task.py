@@ -9,6 +9,7 @@ generations shows up in the evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import string
 from collections.abc import Callable, Iterator, Sequence
@@ -156,18 +157,39 @@ def make_examples(n: int, seed: int, subtasks: Sequence[str] | None = None) -> l
     return [next(stream) for _ in range(n)]
 
 
-def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 100) -> tuple[list[dict], list[dict]]:
-    """Train and held-out eval examples with pairwise distinct prompts.
+HELD_OUT_SHARE = 10  # one prompt in 10 is reserved for evaluation, for every seed
 
-    The eval set is drawn first, so it depends only on ``seed`` and ``n_eval``,
-    not on ``n_train``.
+
+def is_held_out(prompt: str) -> bool:
+    """Whether `prompt` belongs to the evaluation share of the prompt space, which no training split ever draws
+    from; the embedded teacher was trained on the rest, so every quickstart seed evaluates on prompts it never saw."""
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big") % HELD_OUT_SHARE == 0
+
+
+def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 100) -> tuple[list[dict], list[dict]]:
+    """Train and held-out eval examples with pairwise distinct prompts, the eval prompts from the held-out share
+    (:func:`is_held_out`) and the training prompts from the rest.
+
+    Each split is drawn from its own filtered stream, so the eval set depends only on ``seed`` and ``n_eval``. The
+    eval set takes the sub-tasks in turn (counts differ by at most one), so that even a few rows cover them all.
     """
+    return make_training_rows(seed, n_train), _unique(seed, n_eval, held_out=True, in_turn=True)
+
+
+def make_training_rows(seed: int, n: int) -> list[dict]:
+    """``n`` examples with pairwise distinct prompts, none from the held-out share."""
+    return _unique(seed, n, held_out=False, in_turn=False)
+
+
+def _unique(seed: int, n: int, held_out: bool, in_turn: bool) -> list[dict]:
     seen_prompts: set[str] = set()
     unique: list[dict] = []
     stream = _example_stream(seed, None)
-    while len(unique) < n_eval + n_train:
+    while len(unique) < n:
         example = next(stream)
-        if example["prompt"] not in seen_prompts:
+        if in_turn and example["task"] != SUBTASKS[len(unique) % len(SUBTASKS)]:
+            continue
+        if example["prompt"] not in seen_prompts and is_held_out(example["prompt"]) == held_out:
             seen_prompts.add(example["prompt"])
             unique.append(example)
-    return unique[n_eval:], unique[:n_eval]
+    return unique

@@ -1,0 +1,137 @@
+"""The quickstart's embedded teacher: shipped with the package, rebuilt by one command, checked at load.
+
+`python -m llmdistill.quickstart.teacher OUT_DIR` rebuilds it from nothing: the byte-level BPE trained on the
+task's texts, then an SFT run on task rows drawn from their own seed, none of them from the held-out share of the
+prompt space (`task.is_held_out`), so every quickstart seed evaluates it on prompts it never saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ..config import DistillConfig
+from ..data import ExampleFormat, prepare_dataset
+from ..trainer import DistillTrainer
+from .task import make_training_rows
+from .tokenizer import train_tokenizer
+
+EMBEDDED_DIR = Path(__file__).parent / "teacher"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRecipe:
+    seed: int = 20_261_202  # the rows' and the initialisation's seed, apart from every quickstart seed
+    vocab_size: int = 512
+    tokenizer_rows: int = 5_000
+    shape: tuple[int, int, int] = (128, 3, 4)  # hidden size, layers, attention heads
+    train_rows: int = 150_000
+    steps: int = 12_000
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    max_length: int = 512
+
+
+RECIPE = TeacherRecipe()
+# sha256 of the shipped weights; `python -m llmdistill.quickstart.teacher OUT` prints the one of a rebuild
+EMBEDDED_SHA256 = "b6f10df520ceecc0212303c469c1100a7a1483424561ab3d3c1941c5b825833b"
+
+
+class EmbeddedTeacherError(RuntimeError):
+    """The shipped teacher is missing or is not the one its fingerprint names."""
+
+
+def embedded_teacher_dir() -> Path:
+    """The shipped teacher's folder, after checking its weights against the fingerprint recorded here."""
+    weights = EMBEDDED_DIR / WEIGHTS_FILE
+    if not weights.is_file():
+        raise EmbeddedTeacherError(
+            f"the embedded quickstart teacher is missing ({weights}): reinstall llmdistill, or rebuild it with "
+            f"`python -m llmdistill.quickstart.teacher {EMBEDDED_DIR}`"
+        )
+    digest = sha256_of(weights)
+    if digest != EMBEDDED_SHA256:
+        raise EmbeddedTeacherError(
+            f"the embedded quickstart teacher's weights ({weights}) have sha256 {digest}, not the shipped "
+            f"{EMBEDDED_SHA256}: reinstall llmdistill (or, after rebuilding it on purpose, record the new digest "
+            "in llmdistill/quickstart/teacher.py)"
+        )
+    return EMBEDDED_DIR
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_teacher(output_dir: str | Path, recipe: TeacherRecipe = RECIPE, threads: int | None = None) -> str:
+    """Trains the teacher of `recipe` into `output_dir` and returns the sha256 of its weights."""
+    out = Path(output_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(
+        [row["prompt"] + row["response"] for row in make_training_rows(recipe.seed + 1, recipe.tokenizer_rows)],
+        recipe.vocab_size,
+    )
+    rows = make_training_rows(recipe.seed, recipe.train_rows)
+    train_set = prepare_dataset(
+        datasets.Dataset.from_list(rows), tokenizer, ExampleFormat(prompt_column="prompt", response_column="response"),
+        recipe.max_length, recipe.max_length, name="teacher train",
+    )
+    trainer = DistillTrainer(
+        student=_initial_model(tokenizer, recipe), args=_training_config(out, recipe), train_dataset=train_set,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_model()
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe) | {
+        "build_seconds": round(time.perf_counter() - started), "torch": torch.__version__,
+    }, indent=2))
+    return sha256_of(out / WEIGHTS_FILE)
+
+
+def _initial_model(tokenizer, recipe: TeacherRecipe) -> LlamaForCausalLM:
+    hidden, layers, heads = recipe.shape
+    torch.manual_seed(recipe.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=recipe.max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _training_config(out: Path, recipe: TeacherRecipe) -> DistillConfig:
+    return DistillConfig(
+        output_dir=str(out), objective="sft", max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate, lr_scheduler_type="cosine", warmup_steps=recipe.steps // 50,
+        weight_decay=0.0, logging_steps=max(recipe.steps // 100, 1), seed=recipe.seed, report_to=[],
+        disable_tqdm=True, use_cpu=True, train_sampling_strategy="group_by_length", save_strategy="steps",
+        save_steps=1000, save_total_limit=12,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Rebuild the quickstart's embedded teacher.")
+    parser.add_argument("output_dir")
+    parser.add_argument("--steps", type=int, default=RECIPE.steps, help="fewer steps for a quick trial")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    recipe = dataclasses.replace(RECIPE, steps=args.steps)
+    digest = build_teacher(args.output_dir, recipe, args.threads)
+    print(f"teacher written to {args.output_dir}; sha256 of {WEIGHTS_FILE}: {digest}")
+
+
+if __name__ == "__main__":
+    main()
