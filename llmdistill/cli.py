@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     quickstart.add_argument("--seed", type=int, default=0, help="data, initialisation and training seed")
     quickstart.add_argument("--smoke", action="store_true", help="a seconds-long run of the same code path")
     quickstart.add_argument(
+        "--student-seeds", type=int, default=None,
+        help="train each student from this many seeds (seed, seed + 1, ...) and report mean ± std; default 3 (1 with "
+        "--smoke)",
+    )
+    quickstart.add_argument(
         "--objective", choices=sorted(OBJECTIVES),
         help="how the distilled student is trained (the other student is always SFT); default vanilla, or dskd_eta "
         "with --cross-tokenizer",
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         _evaluate(args)
         return
     objective = args.objective or ("dskd_eta" if args.cross_tokenizer else "vanilla")
+    if args.student_seeds is not None and args.student_seeds < 1:
+        parser.error(f"--student-seeds {args.student_seeds}: train at least one seed (3 reports mean ± std).")
     if args.cross_tokenizer and objective not in CROSS_TOKENIZER:
         parser.error(f"--objective {objective} needs one vocabulary; with --cross-tokenizer choose one of "
                      f"{', '.join(sorted(CROSS_TOKENIZER))}.")
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     run_quickstart(
         args.output_dir, seed=args.seed, smoke=args.smoke, objectives=("sft", objective),
         cross_tokenizer=args.cross_tokenizer, sources=(args.source,),
+        student_seeds=args.student_seeds or (1 if args.smoke else 3),
     )
 
 

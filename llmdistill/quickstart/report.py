@@ -21,20 +21,30 @@ COLUMNS = (  # key, header, number format
 
 
 def results_table(results: dict) -> str:
-    """One row per model; a column no model has a value for is left out."""
+    """One row per model; a column no model has a value for is left out; mean ± std where a model was trained
+    from several seeds."""
     rows = results["models"]
     columns = [column for column in COLUMNS if any(row.get(column[0]) is not None for row in rows.values())]
     header = "| model | " + " | ".join(title for _, title, _ in columns) + " |"
     lines = [header, "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
-        cells = ["—" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
+        cells = [_cell(row, key, fmt) for key, _, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Training loss and cross-entropy per step for each model trained."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if row.get(key) is None:
+        return "—"
+    spread = row.get("seed_std", {}).get(key)
+    return fmt.format(row[key]) + ("" if spread is None or key == "parameters" else " ± " + fmt.format(spread))
+
+
+def plot_training_curves(histories: dict[str, list[dict]], path: Path, results: dict | None = None) -> None:
+    """Training loss and cross-entropy per step for each model trained (the first seed's), and, with `results`,
+    held-out exact match and CE per model (mean ± std over seeds)."""
+    panels = 2 + 2 * (results is not None)
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
     for name, history in histories.items():
         for axis, key in zip(axes, ("loss", "ce")):
             points = [(entry["step"], entry[key]) for entry in history if key in entry and "step" in entry]
@@ -45,6 +55,15 @@ def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
         axis.set_xlabel("optimizer step")
         axis.set_yscale("log")
         axis.legend()
+    if results is not None:
+        for axis, (key, title) in zip(axes[2:], (("exact_match", "held-out exact match % ↑"),
+                                                   ("gold_ce", "held-out CE on the references ↓"))):
+            names = list(results["models"])
+            values = [results["models"][name][key] for name in names]
+            spreads = [results["models"][name].get("seed_std", {}).get(key, 0.0) for name in names]
+            axis.bar(range(len(names)), values, yerr=spreads, capsize=4, color="tab:gray")
+            axis.set_xticks(range(len(names)), names, rotation=20)
+            axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

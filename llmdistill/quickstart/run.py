@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -80,43 +81,86 @@ def run_quickstart(
     student_seed: int | None = None,
     cross_tokenizer: bool = False,
     sources: tuple[str, ...] = ("gt",),
+    student_seeds: int = 1,
 ) -> dict:
     """Writes the task (data/*.jsonl), the models, results.json, results.md and training_curves.png.
 
-    `seed` fixes the task and the teacher (cached across runs); each objective in `objectives` trains one student
-    from the same initialisation, drawn (with its data order) from `student_seed` (default: `seed`); each objective
-    other than SFT trains once per source in `sources` (where its KD sequences come from: gt, switch, ...). With
-    `cross_tokenizer` the students read a SentencePiece-style tokenizer of their own while the teacher keeps its
-    byte-level BPE, and everything they write goes under `cross_tokenizer/`.
+    `seed` fixes the task; each objective in `objectives` trains one student from the same initialisation, drawn
+    (with its data order) from `student_seed` (default: `seed`); each objective other than SFT trains once per source
+    in `sources` (where its KD sequences come from: gt, switch, ...). With `student_seeds` N > 1 every student is
+    trained from N initialisations (seeds student_seed, student_seed + 1, ...; each under seed{k}/) and the table
+    gives mean ± std over them. With `cross_tokenizer` the students read a SentencePiece-style tokenizer of their own
+    while the teacher keeps its byte-level BPE, and everything they write goes under `cross_tokenizer/`.
     """
     started = time.perf_counter()
     task = Task.prepare(output_dir, seed, SMOKE if smoke else DEFAULT)
-    settings, student_seed = task.settings, seed if student_seed is None else student_seed
+    settings, first_seed = task.settings, seed if student_seed is None else student_seed
     students = Students(task, cross_tokenizer)
-    student_init = students.initialisation(students.directory / "student-init", student_seed)
-    histories = {}
     runs = [
         TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size, source,
                     settings.max_new_tokens)
         for objective in objectives
         for source in (("gt",) if objective == "sft" else sources)
     ]
-    for run in runs:
-        name = student_name(run.objective, run.source)
-        histories[name] = students.train(students.directory / name, student_init, run, student_seed)
     names = [student_name(run.objective, run.source) for run in runs]
-    results = _evaluate(task, students, names)
-    for name in names:
-        results["models"][name] |= training_summary(histories[name])
+    teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
+    seeds = list(range(first_seed, first_seed + student_seeds))
+    per_seed, histories = [], {}
+    for student_seed_k in seeds:
+        directory = students.directory if len(seeds) == 1 else students.directory / f"seed{student_seed_k}"
+        init = students.initialisation(directory / "student-init", student_seed_k)
+        for run, name in zip(runs, names):
+            history = students.train(directory / name, init, run, student_seed_k)
+            histories.setdefault(name, history)  # the curves of the first seed
+            per_seed.append((name, _student_scores(task, students, teacher, directory / name) | training_summary(history)))
+    results = {"models": {"teacher": _teacher_scores(task, teacher)} | _over_seeds(per_seed), "student_seeds": seeds}
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
-    table = results_table(results)
+    table = results_table(results) + "\n\n" + verdict(results, names)
     (students.directory / "results.json").write_text(json.dumps(results, indent=2))
     (students.directory / "results.md").write_text(table + "\n")
-    plot_training_curves(histories, students.directory / "training_curves.png")
+    plot_training_curves(histories, students.directory / "training_curves.png", results)
     print(table)
     print(f"\nwritten under {students.directory}/ in {results['wall_time_s']} s: results.json, results.md, "
           "training_curves.png")
     return results
+
+
+def verdict(results: dict, names: list[str]) -> str:
+    """One plain sentence per distilled student: does it beat the SFT student on held-out exact match and CE, by
+    more than the seed-to-seed spread (the larger of the two students' standard deviations over seeds)?"""
+    models, lines = results["models"], []
+    if "student-sft" not in models or len(results["student_seeds"]) < 2:
+        return "(one student seed: train with --student-seeds 3 to see whether the gaps exceed seed noise)"
+    sft = models["student-sft"]
+    for name in names:
+        if name == "student-sft":
+            continue
+        parts = []
+        for key, label, sign in (("exact_match", "exact match", 1), ("gold_ce", "held-out CE", -1)):
+            lead = sign * (models[name][key] - sft[key])
+            noise = max(models[name]["seed_std"][key], sft["seed_std"][key])
+            judged = "more than" if lead > noise else "less than" if lead > 0 else "not ahead:"
+            parts.append(f"{label} {models[name][key] - sft[key]:+.{1 if sign > 0 else 3}f} ({judged} the seed spread "
+                         f"{noise:.{1 if sign > 0 else 3}f})")
+        lines.append(f"{name} vs student-sft over {len(results['student_seeds'])} seeds: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def _over_seeds(per_seed: list[tuple[str, dict]]) -> dict:
+    """name → its scores averaged over seeds (numbers only), with `seed_std` and the rows of each seed."""
+    grouped: dict[str, list[dict]] = {}
+    for name, row in per_seed:
+        grouped.setdefault(name, []).append(row)
+    combined = {}
+    for name, rows in grouped.items():
+        numbers = [key for key, value in rows[0].items() if isinstance(value, (int, float))]
+        combined[name] = {key: statistics.mean(row[key] for row in rows) for key in numbers}
+        if len(rows) > 1:
+            combined[name]["seed_std"] = {key: statistics.stdev(row[key] for row in rows) for key in numbers}
+            combined[name]["per_seed"] = rows
+        else:
+            combined[name] = rows[0]
+    return combined
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,22 +358,18 @@ def _train(
     return history
 
 
-def _evaluate(task: Task, students: Students, names: list[str]) -> dict:
-    teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
-    fidelity = students.fidelity(teacher)
-    results = {"models": {}}
-    for name in ["teacher", *names]:
-        model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(students.directory / name)
-        tokenizer = task.teacher_tokenizer if name == "teacher" else students.tokenizer
-        row = greedy_scores(model, tokenizer, task.eval_rows, task.settings.max_new_tokens)
-        row["gold_ce"] = students.gold_ce(model) if name != "teacher" else gold_cross_entropy(
-            teacher, _tokenised(task.eval_rows, tokenizer, "held-out"), tokenizer.pad_token_id
-        )
-        if name != "teacher":
-            row |= fidelity(model)
-        row["parameters"] = model.num_parameters()
-        results["models"][name] = row
-    return results
+def _teacher_scores(task: Task, teacher) -> dict:
+    tokenizer = task.teacher_tokenizer
+    row = greedy_scores(teacher, tokenizer, task.eval_rows, task.settings.max_new_tokens)
+    row["gold_ce"] = gold_cross_entropy(teacher, _tokenised(task.eval_rows, tokenizer, "held-out"), tokenizer.pad_token_id)
+    return row | {"parameters": teacher.num_parameters()}
+
+
+def _student_scores(task: Task, students: Students, teacher, directory: Path) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    row = greedy_scores(model, students.tokenizer, task.eval_rows, task.settings.max_new_tokens)
+    row["gold_ce"] = students.gold_ce(model)
+    return row | students.fidelity(teacher)(model) | {"parameters": model.num_parameters()}
 
 
 def greedy_scores(model, tokenizer, eval_rows: list[dict], max_new_tokens: int) -> dict:
