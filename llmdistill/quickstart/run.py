@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config import DistillConfig
 from ..data import ExampleFormat, prepare_dataset
@@ -24,6 +24,7 @@ from ..evaluation import (
 )
 from ..trainer import DistillTrainer
 from ..vocab import VocabBridge
+from .architecture import tiny_llama
 from .report import plot_training_curves, results_table
 from .task import make_splits
 from .teacher import embedded_teacher_dir
@@ -293,15 +294,7 @@ def _tokenizer(directory: Path, rows: list[dict], vocab_size: int, family: str =
 def _save_init(
     directory: Path, tokenizer, shape: tuple[int, int, int], seed: int, embeddings: torch.Tensor | None = None
 ) -> Path:
-    hidden, layers, heads = shape
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer, shape, seed)
     if embeddings is not None:
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(embeddings)

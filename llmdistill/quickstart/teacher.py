@@ -16,11 +16,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ..config import DistillConfig
 from ..data import ExampleFormat, prepare_dataset
 from ..trainer import DistillTrainer
+from .architecture import MAX_POSITIONS, tiny_llama
 from .task import make_training_rows
 from .tokenizer import train_tokenizer
 
@@ -38,7 +38,7 @@ class TeacherRecipe:
     steps: int = 12_000
     batch_size: int = 32
     learning_rate: float = 2e-3
-    max_length: int = 512
+    max_length: int = MAX_POSITIONS
 
 
 RECIPE = TeacherRecipe()
@@ -88,7 +88,7 @@ def build_teacher(output_dir: str | Path, recipe: TeacherRecipe = RECIPE, thread
         recipe.max_length, recipe.max_length, name="teacher train",
     )
     trainer = DistillTrainer(
-        student=_initial_model(tokenizer, recipe), args=_training_config(out, recipe), train_dataset=train_set,
+        student=tiny_llama(tokenizer, recipe.shape, recipe.seed), args=_training_config(out, recipe), train_dataset=train_set,
         processing_class=tokenizer,
     )
     trainer.train()
@@ -100,25 +100,12 @@ def build_teacher(output_dir: str | Path, recipe: TeacherRecipe = RECIPE, thread
     return sha256_of(out / WEIGHTS_FILE)
 
 
-def _initial_model(tokenizer, recipe: TeacherRecipe) -> LlamaForCausalLM:
-    hidden, layers, heads = recipe.shape
-    torch.manual_seed(recipe.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=recipe.max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
 def _training_config(out: Path, recipe: TeacherRecipe) -> DistillConfig:
     return DistillConfig(
         output_dir=str(out), objective="sft", max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size,
         learning_rate=recipe.learning_rate, lr_scheduler_type="cosine", warmup_steps=recipe.steps // 50,
         weight_decay=0.0, logging_steps=max(recipe.steps // 100, 1), seed=recipe.seed, report_to=[],
-        disable_tqdm=True, use_cpu=True, train_sampling_strategy="group_by_length", save_strategy="steps",
-        save_steps=1000, save_total_limit=12,
+        disable_tqdm=True, use_cpu=True, train_sampling_strategy="group_by_length", save_strategy="no",
     )
 
 
