@@ -40,9 +40,11 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(row[key]) + ("" if spread is None or key == "parameters" else " ± " + fmt.format(spread))
 
 
-def plot_training_curves(histories: dict[str, list[dict]], path: Path, results: dict | None = None) -> None:
+def plot_training_curves(
+    histories: dict[str, list[dict]], path: Path, results: dict | None = None, title: str | None = None
+) -> None:
     """Training loss and cross-entropy per step for each model trained (the first seed's), and, with `results`,
-    held-out exact match and CE per model (mean ± std over seeds)."""
+    held-out exact match and CE per model (mean ± std over seeds); `title` (the verdict) above them."""
     panels = 2 + 2 * (results is not None)
     figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
     for name, history in histories.items():
@@ -64,6 +66,8 @@ def plot_training_curves(histories: dict[str, list[dict]], path: Path, results: 
             axis.bar(range(len(names)), values, yerr=spreads, capsize=4, color="tab:gray")
             axis.set_xticks(range(len(names)), names, rotation=20)
             axis.set_title(title)
+    if title:
+        figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

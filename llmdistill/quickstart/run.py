@@ -116,10 +116,11 @@ def run_quickstart(
             per_seed.append((name, _student_scores(task, students, teacher, directory / name) | training_summary(history)))
     results = {"models": {"teacher": _teacher_scores(task, teacher)} | _over_seeds(per_seed), "student_seeds": seeds}
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
-    table = results_table(results) + "\n\n" + verdict(results, names)
+    judged = verdict(results, names)
+    table = results_table(results) + "\n\n" + judged
     (students.directory / "results.json").write_text(json.dumps(results, indent=2))
     (students.directory / "results.md").write_text(table + "\n")
-    plot_training_curves(histories, students.directory / "training_curves.png", results)
+    plot_training_curves(histories, students.directory / "training_curves.png", results, judged)
     print(table)
     print(f"\nwritten under {students.directory}/ in {results['wall_time_s']} s: results.json, results.md, "
           "training_curves.png")

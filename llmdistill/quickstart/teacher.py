@@ -43,7 +43,7 @@ class TeacherRecipe:
 
 RECIPE = TeacherRecipe()
 # sha256 of the shipped weights; `python -m llmdistill.quickstart.teacher OUT` prints the one of a rebuild
-EMBEDDED_SHA256 = "b6f10df520ceecc0212303c469c1100a7a1483424561ab3d3c1941c5b825833b"
+EMBEDDED_SHA256 = "0ba1c16dce11ea62d9f543b27775d26d886e599403678a542616d7f44f7a186e"
 
 
 class EmbeddedTeacherError(RuntimeError):
