@@ -206,7 +206,7 @@ def train_and_score(job: Job) -> dict:
 
 def _scores(model, tokenizer, task: Task, sampling_seeds: tuple[int, ...]) -> dict:
     """Greedy exact match and ROUGE-L (as the quickstart) and the papers' sampled ROUGE-L, averaged over seeds."""
-    row = greedy_scores(model, tokenizer, task.eval_rows, task.settings.max_new_tokens)
+    row = greedy_scores(model, tokenizer, task.eval_rows, task.settings.max_new_tokens, task.teacher_tokenizer)
     row["long_exact_match"], row["long_rouge_l"] = row["long"]["exact_match"], row["long"]["rouge_l"]
     prompts, references = [row["prompt"] for row in task.eval_rows], [row["response"] for row in task.eval_rows]
     sampled = [rouge_l(sample_responses(model, tokenizer, prompts, Protocol(), seed), references)

@@ -361,21 +361,24 @@ def _teacher_scores(task: Task, teacher) -> dict:
 
 def _student_scores(task: Task, students: Students, teacher, directory: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(directory)
-    row = greedy_scores(model, students.tokenizer, task.eval_rows, task.settings.max_new_tokens)
+    row = greedy_scores(model, students.tokenizer, task.eval_rows, task.settings.max_new_tokens, task.teacher_tokenizer)
     row["gold_ce"] = students.gold_ce(model)
     return row | students.fidelity(teacher)(model) | {"parameters": model.num_parameters()}
 
 
-def greedy_scores(model, tokenizer, eval_rows: list[dict], max_new_tokens: int) -> dict:
+def greedy_scores(model, tokenizer, eval_rows: list[dict], max_new_tokens: int, length_tokenizer=None) -> dict:
     """Exact match and ROUGE-L of greedy responses to the held-out prompts: overall, per sub-task (`by_task`), and
-    over the long references (`long`: at least LONG_RESPONSE_TOKENS tokens, where SWITCH claims its gain)."""
+    over the long references (`long`: at least LONG_RESPONSE_TOKENS tokens of `length_tokenizer`, by default the
+    model's; where SWITCH claims its gain). Pass the teacher's to compare models that tokenise differently on the
+    same rows."""
     predictions = generate_responses(model, tokenizer, [row["prompt"] for row in eval_rows], max_new_tokens)
     references = [row["response"] for row in eval_rows]
     row = _generation_scores(predictions, references)
     tasks = [example["task"] for example in eval_rows]
     groups = {task: [other == task for other in tasks] for task in dict.fromkeys(tasks)}
     row["by_task"] = {task: _generation_scores(predictions, references, chosen) for task, chosen in groups.items()}
-    long = [len(tokenizer(reference)["input_ids"]) >= LONG_RESPONSE_TOKENS for reference in references]
+    counter = length_tokenizer or tokenizer
+    long = [len(counter(reference)["input_ids"]) >= LONG_RESPONSE_TOKENS for reference in references]
     if any(long):
         row["long"] = _generation_scores(predictions, references, long) | {"rows": sum(long)}
     return row
