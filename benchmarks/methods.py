@@ -81,7 +81,8 @@ METHODS = (
 CLAIMS = (
     ("KD > SFT", "KD (fkl)", "SFT", ("exact_match", "gold_ce")),
     ("DSKD > vanilla KD (DSKD paper)", "DSKD", "KD (fkl)", ("exact_match", "gold_ce")),
-    ("DSKD > vanilla KD, teacher-embedding init (DSKD paper)", "DSKD, teacher-embedding init", "KD (fkl), teacher-embedding init",
+    ("DSKD > vanilla KD, teacher-embedding init (DSKD paper)", "DSKD, teacher-embedding init",
+     "KD (fkl), teacher-embedding init",
      ("exact_match", "gold_ce")),
     ("on-policy > off-policy KD (GKD paper)", "GKD", "KD (fkl)", ("exact_match", "gold_ce")),
     ("on-policy > off-policy KD (DistiLLM paper)", "DistiLLM", "KD (fkl)", ("exact_match", "gold_ce")),
@@ -138,7 +139,8 @@ def _parse_args() -> argparse.Namespace:
     modes.add_argument("--smoke", action="store_true", help="the quickstart's smoke settings (seconds)")
     parser.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2; 0 with --quick)")
     parser.add_argument("--sampling-seeds", type=int, nargs="+",
-                        help=f"seeds of the papers' sampled ROUGE-L (default {list(PAPER_SEEDS)}; the first with --quick)")
+                        help=f"seeds of the papers' sampled ROUGE-L (default {list(PAPER_SEEDS)}; the first with "
+                        "--quick)")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel students")
     parser.add_argument("--output-dir", type=Path, help="default runs/methods (runs/methods-quick with --quick)")

@@ -71,7 +71,6 @@ class TrainingRun:
     source: str = "gt"
     max_new_tokens: int = 128
     divergence: str = "fkl"
-    temperature: float = 1.0
 
 
 def run_quickstart(
@@ -107,13 +106,14 @@ def run_quickstart(
     teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
     seeds = list(range(first_seed, first_seed + student_seeds))
     per_seed, histories = [], {}
-    for student_seed_k in seeds:
-        directory = students.directory if len(seeds) == 1 else students.directory / f"seed{student_seed_k}"
-        init = students.initialisation(directory / "student-init", student_seed_k)
+    for seed_k in seeds:
+        directory = students.directory if len(seeds) == 1 else students.directory / f"seed{seed_k}"
+        init = students.initialisation(directory / "student-init", seed_k)
         for run, name in zip(runs, names):
-            history = students.train(directory / name, init, run, student_seed_k)
+            history = students.train(directory / name, init, run, seed_k)
             histories.setdefault(name, history)  # the curves of the first seed
-            per_seed.append((name, _student_scores(task, students, teacher, directory / name) | training_summary(history)))
+            scores = _student_scores(task, students, teacher, directory / name)
+            per_seed.append((name, scores | training_summary(history)))
     results = {"models": {"teacher": _teacher_scores(task, teacher)} | _over_seeds(per_seed), "student_seeds": seeds}
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     judged = verdict(results, names)
@@ -141,9 +141,10 @@ def verdict(results: dict, names: list[str]) -> str:
         for key, label, sign in (("exact_match", "exact match", 1), ("gold_ce", "held-out CE", -1)):
             lead = sign * (models[name][key] - sft[key])
             noise = max(models[name]["seed_std"][key], sft["seed_std"][key])
-            judged = "more than" if lead > noise else "less than" if lead > 0 else "not ahead:"
-            parts.append(f"{label} {models[name][key] - sft[key]:+.{1 if sign > 0 else 3}f} ({judged} the seed spread "
-                         f"{noise:.{1 if sign > 0 else 3}f})")
+            judged = "more than the" if lead > noise else "less than the" if lead > 0 else "behind; the"
+            digits = 1 if sign > 0 else 3
+            gap = f"{models[name][key] - sft[key]:+.{digits}f}"
+            parts.append(f"{label} {gap} ({judged} seed spread {noise:.{digits}f})")
         lines.append(f"{name} vs student-sft over {len(results['student_seeds'])} seeds: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -155,13 +156,13 @@ def _over_seeds(per_seed: list[tuple[str, dict]]) -> dict:
         grouped.setdefault(name, []).append(row)
     combined = {}
     for name, rows in grouped.items():
-        numbers = [key for key, value in rows[0].items() if isinstance(value, (int, float))]
-        combined[name] = {key: statistics.mean(row[key] for row in rows) for key in numbers}
-        if len(rows) > 1:
-            combined[name]["seed_std"] = {key: statistics.stdev(row[key] for row in rows) for key in numbers}
-            combined[name]["per_seed"] = rows
-        else:
+        if len(rows) == 1:
             combined[name] = rows[0]
+            continue
+        numbers = [key for key, value in rows[0].items() if isinstance(value, (int, float))]
+        combined[name] = {key: statistics.mean(row[key] for row in rows) for key in numbers} | {
+            "seed_std": {key: statistics.stdev(row[key] for row in rows) for key in numbers}, "per_seed": rows,
+        }
     return combined
 
 
@@ -217,7 +218,8 @@ class Students:
             if self.cross_tokenizer:
                 raise ValueError("teacher_embeddings needs the teacher's vocabulary; the students have their own")
             teacher = AutoModelForCausalLM.from_pretrained(self.task.teacher_dir)
-            embeddings = principal_projection(teacher.get_input_embeddings().weight, self.task.settings.student_shape[0])
+            width = self.task.settings.student_shape[0]
+            embeddings = principal_projection(teacher.get_input_embeddings().weight, width)
         return _save_init(directory, self.tokenizer, self.task.settings.student_shape, student_seed + 1, embeddings)
 
     def train(self, directory: Path, init_dir: Path, run: TrainingRun, student_seed: int) -> list[dict]:
@@ -317,7 +319,6 @@ def _train(
         objective=run.objective,
         alpha_kd=0.5,
         divergence=run.divergence,
-        temperature=run.temperature,
         student_model_name_or_path=str(student_dir),
         teacher_model_name_or_path=str(teacher_dir) if teacher_dir else None,
         max_steps=run.steps,
@@ -355,7 +356,8 @@ def _train(
 def _teacher_scores(task: Task, teacher) -> dict:
     tokenizer = task.teacher_tokenizer
     row = greedy_scores(teacher, tokenizer, task.eval_rows, task.settings.max_new_tokens)
-    row["gold_ce"] = gold_cross_entropy(teacher, _tokenised(task.eval_rows, tokenizer, "held-out"), tokenizer.pad_token_id)
+    held_out = _tokenised(task.eval_rows, tokenizer, "held-out")
+    row["gold_ce"] = gold_cross_entropy(teacher, held_out, tokenizer.pad_token_id)
     return row | {"parameters": teacher.num_parameters()}
 
 

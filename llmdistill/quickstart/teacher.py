@@ -88,7 +88,8 @@ def build_teacher(output_dir: str | Path, recipe: TeacherRecipe = RECIPE, thread
         recipe.max_length, recipe.max_length, name="teacher train",
     )
     trainer = DistillTrainer(
-        student=tiny_llama(tokenizer, recipe.shape, recipe.seed), args=_training_config(out, recipe), train_dataset=train_set,
+        student=tiny_llama(tokenizer, recipe.shape, recipe.seed), args=_training_config(out, recipe),
+        train_dataset=train_set,
         processing_class=tokenizer,
     )
     trainer.train()
