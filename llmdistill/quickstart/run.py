@@ -104,6 +104,7 @@ def run_quickstart(
     ]
     names = [student_name(run.objective, run.source) for run in runs]
     teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
+    fidelity = students.fidelity(teacher)
     seeds = list(range(first_seed, first_seed + student_seeds))
     per_seed, histories = [], {}
     for seed_k in seeds:
@@ -112,7 +113,7 @@ def run_quickstart(
         for run, name in zip(runs, names):
             history = students.train(directory / name, init, run, seed_k)
             histories.setdefault(name, history)  # the curves of the first seed
-            scores = _student_scores(task, students, teacher, directory / name)
+            scores = _student_scores(task, students, fidelity, directory / name)
             per_seed.append((name, scores | training_summary(history)))
     results = {"models": {"teacher": _teacher_scores(task, teacher)} | _over_seeds(per_seed), "student_seeds": seeds}
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
@@ -361,11 +362,11 @@ def _teacher_scores(task: Task, teacher) -> dict:
     return row | {"parameters": teacher.num_parameters()}
 
 
-def _student_scores(task: Task, students: Students, teacher, directory: Path) -> dict:
+def _student_scores(task: Task, students: Students, fidelity, directory: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(directory)
     row = greedy_scores(model, students.tokenizer, task.eval_rows, task.settings.max_new_tokens, task.teacher_tokenizer)
     row["gold_ce"] = students.gold_ce(model)
-    return row | students.fidelity(teacher)(model) | {"parameters": model.num_parameters()}
+    return row | fidelity(model) | {"parameters": model.num_parameters()}
 
 
 def greedy_scores(model, tokenizer, eval_rows: list[dict], max_new_tokens: int, length_tokenizer=None) -> dict:
