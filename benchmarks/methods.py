@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from llmdistill.divergences import DIVERGENCES  # noqa: E402
 from llmdistill.evaluation import PAPER_SEEDS, Protocol, rouge_l, sample_responses  # noqa: E402
 from llmdistill.quickstart.run import (  # noqa: E402
-    DEFAULT, SMOKE, Students, Task, TrainingRun, greedy_scores, training_summary,
+    DEFAULT, SMOKE, Students, Task, TrainingRun, greedy_scores, teacher_gold_ce, training_summary,
 )
 from student_comparison import METRICS, mean_std, table, write  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -160,10 +160,8 @@ def _jobs(task: Task, methods: list[Method], seeds: list[int], sampling_seeds: t
     students = {cross: Students(task, cross) for cross in {method.cross_tokenizer for method in methods}}
     for seed in seeds:
         inits = {
-            (method.cross_tokenizer, method.teacher_embeddings): students[method.cross_tokenizer].initialisation(
-                students[method.cross_tokenizer].directory / f"student-init-seed{seed}"
-                f"{'-teacher-embeddings' if method.teacher_embeddings else ''}", seed, method.teacher_embeddings,
-            )
+            (method.cross_tokenizer, method.teacher_embeddings): _initialisation(students[method.cross_tokenizer],
+                                                                                 seed, method.teacher_embeddings)
             for method in methods
         }
         for method in methods:
@@ -174,6 +172,11 @@ def _jobs(task: Task, methods: list[Method], seeds: list[int], sampling_seeds: t
             init = inits[method.cross_tokenizer, method.teacher_embeddings]
             jobs.append(Job(method, seed, group, init, directory, run, sampling_seeds))
     return jobs
+
+
+def _initialisation(students: Students, seed: int, teacher_embeddings: bool) -> Path:
+    suffix = "-teacher-embeddings" if teacher_embeddings else ""
+    return students.initialisation(students.directory / f"student-init-seed{seed}{suffix}", seed, teacher_embeddings)
 
 
 def _slug(name: str) -> str:
@@ -218,9 +221,7 @@ def _scores(model, tokenizer, task: Task, sampling_seeds: tuple[int, ...]) -> di
 
 def _teacher_scores(task: Task, sampling_seeds: tuple[int, ...]) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
-    return _scores(teacher, task.teacher_tokenizer, task, sampling_seeds) | {
-        "gold_ce": Students(task).gold_ce(teacher)
-    }
+    return _scores(teacher, task.teacher_tokenizer, task, sampling_seeds) | {"gold_ce": teacher_gold_ce(task, teacher)}
 
 
 def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall) -> list[str]:

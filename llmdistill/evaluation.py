@@ -64,20 +64,24 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return rouge_l_best(predictions, [[reference] for reference in references])
 
 
+def _reference_batches(tokenised_dataset, pad_token_id: int, batch_size: int, device):
+    """(batch on `device`, [B, T-1] mask of the positions that predict a reference token) per batch of rows."""
+    collate = DistillCollator(pad_token_id)
+    for start in range(0, len(tokenised_dataset), batch_size):
+        batch = collate([tokenised_dataset[i] for i in range(start, min(start + batch_size, len(tokenised_dataset)))])
+        batch = {key: value.to(device) for key, value in batch.items()}
+        yield batch, batch["labels"][:, 1:] != IGNORE_INDEX
+
+
 @torch.no_grad()
 def gold_cross_entropy(model: PreTrainedModel, tokenised_dataset, pad_token_id: int, batch_size: int = 16) -> float:
     """Mean cross-entropy (nats per token) of `model` on the reference responses' tokens: how well it predicts the
     gold text, whoever wrote its own generations."""
-    collate = DistillCollator(pad_token_id)
-    device = next(model.parameters()).device
     ce_sum, tokens = 0.0, 0
-    for start in range(0, len(tokenised_dataset), batch_size):
-        batch = collate([tokenised_dataset[i] for i in range(start, min(start + batch_size, len(tokenised_dataset)))])
-        batch = {key: value.to(device) for key, value in batch.items()}
-        labels = batch["labels"][:, 1:]
-        supervised = labels != IGNORE_INDEX
+    device = next(model.parameters()).device
+    for batch, supervised in _reference_batches(tokenised_dataset, pad_token_id, batch_size, device):
         hidden = supervised_hidden_states(model, batch["input_ids"], batch["attention_mask"], supervised)
-        sums = distill_loss_from_hidden(hidden, LMHead.of(model), labels=labels[supervised])
+        sums = distill_loss_from_hidden(hidden, LMHead.of(model), labels=batch["labels"][:, 1:][supervised])
         ce_sum += sums.ce.item()
         tokens += sums.count
     return ce_sum / tokens
@@ -92,13 +96,9 @@ def teacher_student_fidelity(
     batch_size: int = 16,
 ) -> dict[str, float]:
     """Per-token forward KL(teacher ‖ student) and top-1 agreement over the reference responses' tokens."""
-    collate = DistillCollator(pad_token_id)
     device = next(student.parameters()).device
     kl_sum, agreements, tokens = 0.0, 0.0, 0
-    for start in range(0, len(tokenised_dataset), batch_size):
-        batch = collate([tokenised_dataset[i] for i in range(start, min(start + batch_size, len(tokenised_dataset)))])
-        batch = {key: value.to(device) for key, value in batch.items()}
-        supervised = batch["labels"][:, 1:] != IGNORE_INDEX
+    for batch, supervised in _reference_batches(tokenised_dataset, pad_token_id, batch_size, device):
         teacher_hidden, student_hidden = (
             supervised_hidden_states(m, batch["input_ids"], batch["attention_mask"], supervised)
             for m in (teacher, student)

@@ -355,11 +355,14 @@ def _train(
 
 
 def _teacher_scores(task: Task, teacher) -> dict:
+    row = greedy_scores(teacher, task.teacher_tokenizer, task.eval_rows, task.settings.max_new_tokens)
+    return row | {"gold_ce": teacher_gold_ce(task, teacher), "parameters": teacher.num_parameters()}
+
+
+def teacher_gold_ce(task: Task, teacher) -> float:
+    """The teacher's cross-entropy per token on the held-out references."""
     tokenizer = task.teacher_tokenizer
-    row = greedy_scores(teacher, tokenizer, task.eval_rows, task.settings.max_new_tokens)
-    held_out = _tokenised(task.eval_rows, tokenizer, "held-out")
-    row["gold_ce"] = gold_cross_entropy(teacher, held_out, tokenizer.pad_token_id)
-    return row | {"parameters": teacher.num_parameters()}
+    return gold_cross_entropy(teacher, _tokenised(task.eval_rows, tokenizer, "held-out"), tokenizer.pad_token_id)
 
 
 def _student_scores(task: Task, students: Students, fidelity, directory: Path) -> dict:
