@@ -7,16 +7,50 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import DataError, UserError, one_line
 from .objectives import CROSS_TOKENIZER, OBJECTIVES
 from .sources import LOCK_STEP, SOURCES
 
+GLOBAL_FLAGS = ("--debug", "--verbose")
+
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """Runs a command. Input the user can fix (`UserError`) ends in one line, `llmdistill: error: ...` on stderr, and
+    exit status 2; other exceptions are bugs and keep their traceback, as every error does with --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = set()
+    while argv and argv[0] in GLOBAL_FLAGS:
+        flags.add(argv.pop(0))
+    if "--verbose" not in flags:
+        _quiet_loading_bars()
+    try:
+        _run(argv)
+    except UserError as error:
+        if "--debug" in flags:
+            raise
+        print(f"llmdistill: error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _quiet_loading_bars() -> None:
+    """transformers' and datasets' per-file bars (loading weights, writing shards, generating splits): the run's own
+    progress bar is the one that says how far it is."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _run(argv: list[str]) -> None:
     if argv and argv[0] == "train":  # its options are DistillConfig's: HfArgumentParser reads them, not argparse
         _train(argv[1:])
         return
     parser = argparse.ArgumentParser(prog="llmdistill", description="Distill a causal LM into a smaller one.")
+    parser.add_argument("--debug", action="store_true", help="show every error's traceback (given before the command)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show transformers' and datasets' loading bars (given before the command)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train a student: llmdistill train [CONFIG.yaml] [--option value ...]")
     quickstart = commands.add_parser("quickstart", help="the offline demo: the embedded teacher distilled into an SFT and a KD student")
@@ -114,10 +148,14 @@ def _train(arguments: list[str]) -> None:
 
 def _align(args: argparse.Namespace) -> None:
     from .align import alignment_summary, render_alignment
-    from .models import load_tokenizer
+    from .models import check_model_source, load_tokenizer
 
+    if args.file is not None and not args.file.is_file():
+        raise DataError(f"--file {args.file}: no such file. Give a UTF-8 text file, or the text itself with --text.")
     text = args.text if args.text is not None else args.file.read_text(encoding="utf-8")
-    teacher, student = load_tokenizer(args.teacher), load_tokenizer(args.student)
+    check_model_source(args.teacher, "--teacher", tokenizer_only=True)
+    check_model_source(args.student, "--student", tokenizer_only=True)
+    teacher, student = load_tokenizer(args.teacher, field="--teacher"), load_tokenizer(args.student, field="--student")
     if args.json:
         print(json.dumps(alignment_summary(text, teacher, student), ensure_ascii=False, indent=1))
     else:

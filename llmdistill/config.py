@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .divergences import DIVERGENCES, validate_divergence
+from .divergences import DIVERGENCE_ALIASES, DIVERGENCES
+from .errors import ConfigError, unknown_choice
 from .objectives import CROSS_TOKENIZER, OBJECTIVES
 from .rollout import SCHEDULES, Intervention, Sampling
 from .sources import LOCK_STEP, RULE, SOURCES
@@ -203,81 +204,95 @@ class DistillConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as error:  # TrainingArguments' own checks: options the user set
+            raise ConfigError(str(error)) from error
         if self.objective != "sft" and self.objective not in OBJECTIVES:
-            raise ValueError(
-                f"objective={self.objective!r} is unknown: choose 'sft' or one of {', '.join(OBJECTIVES)}."
-            )
-        validate_divergence(self.divergence, self.jsd_beta, self.skew_alpha, self.akl_mu, self.temperature)
-        if not 0.0 <= self.alpha_kd <= 1.0:
-            raise ValueError(f"alpha_kd={self.alpha_kd} must lie in [0, 1] (0 = CE only, 1 = KD only).")
-        if self.dskd_s2t not in ("closed_form", "learned"):
-            raise ValueError(f"dskd_s2t={self.dskd_s2t!r} is unknown: choose closed_form or learned.")
-        if self.dskd_spaces not in ("both", "student", "teacher"):
-            raise ValueError(f"dskd_spaces={self.dskd_spaces!r} is unknown: choose both, student or teacher.")
-        if not self.projector_learning_rate > 0:
-            raise ValueError(f"projector_learning_rate={self.projector_learning_rate} must be > 0.")
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be ≥ 1, or unset to choose automatically.")
-        if self.use_peft and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
-            raise ValueError(
-                f"LoRA needs lora_r ≥ 1 (got {self.lora_r}), lora_alpha > 0 (got {self.lora_alpha}) and lora_dropout "
-                f"in [0, 1) (got {self.lora_dropout})."
-            )
-        if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(
-                f"model_dtype={self.model_dtype!r} is unknown: choose float32, bfloat16, float16 or auto."
-            )
+            raise ConfigError(unknown_choice("objective", self.objective, ("sft", *OBJECTIVES)))
+        if self.divergence not in DIVERGENCES:
+            raise ConfigError(unknown_choice("divergence", self.divergence, DIVERGENCES, DIVERGENCE_ALIASES))
+        _require(0.0 <= self.alpha_kd <= 1.0, "alpha_kd", self.alpha_kd, "must lie in [0, 1] (0 = CE only, 1 = KD only)")
+        _require(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
+        _require(0.0 <= self.skew_alpha <= 1.0, "skew_alpha", self.skew_alpha, "must lie in [0, 1]")
+        _require(0.0 < self.akl_mu < 1.0, "akl_mu", self.akl_mu, "must lie in (0, 1)")
+        _require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        _require_choice("dskd_s2t", self.dskd_s2t, ("closed_form", "learned"))
+        _require_choice("dskd_spaces", self.dskd_spaces, ("both", "student", "teacher"))
+        _require(self.projector_learning_rate > 0, "projector_learning_rate", self.projector_learning_rate, "must be > 0")
+        if self.loss_chunk_size is not None:
+            _require(self.loss_chunk_size >= 1, "loss_chunk_size", self.loss_chunk_size,
+                     "must be ≥ 1, or unset to choose automatically")
+        if self.use_peft:
+            _require(self.lora_r >= 1, "lora_r", self.lora_r, "must be ≥ 1")
+            _require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "must be > 0")
+            _require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must lie in [0, 1)")
+        _require_choice("model_dtype", self.model_dtype, ("float32", "bfloat16", "float16", "auto"))
+        self._check_training_numbers()
         self._check_source()
         self._check_teacher_cache()
-        if self.eval_generation_size < 0:
-            raise ValueError(f"eval_generation_size={self.eval_generation_size} must be ≥ 0 (0 = loss only).")
-        if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
-            raise ValueError(
-                f"max_length={self.max_length} must exceed max_prompt_length={self.max_prompt_length} (≥ 1) "
-                "so that every example keeps at least one response token."
-            )
+        _require(self.eval_generation_size >= 0, "eval_generation_size", self.eval_generation_size,
+                 "must be ≥ 0 (0 = loss only)")
+        _require(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be ≥ 1")
+        _require(self.max_length > self.max_prompt_length, "max_length", self.max_length,
+                 f"must exceed max_prompt_length={self.max_prompt_length} so that every example keeps at least one "
+                 "response token")
+
+    def _check_training_numbers(self) -> None:
+        """The Trainer's own numbers that it would otherwise accept and fail on mid-run."""
+        _require(self.learning_rate >= 0, "learning_rate", self.learning_rate, "must be ≥ 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be ≥ 1")
+        if self.max_steps <= 0:
+            _require(self.num_train_epochs > 0, "num_train_epochs", self.num_train_epochs,
+                     "must be > 0 when max_steps is unset (or set max_steps ≥ 1)")
 
     def _check_source(self) -> None:
         if self.source not in SOURCES:
-            raise ValueError(f"source={self.source!r} is unknown: choose one of {', '.join(SOURCES)}.")
+            raise ConfigError(unknown_choice("source", self.source, SOURCES))
         if self.source != "gt" and not self.uses_teacher:
-            raise ValueError(
+            raise ConfigError(
                 f"source={self.source!r} trains KD on generated responses, which needs a teacher: choose an "
                 "objective other than 'sft' and alpha_kd > 0, or source='gt'."
             )
         if self.source in LOCK_STEP and self.objective in CROSS_TOKENIZER:
-            raise ValueError(
+            raise ConfigError(
                 f"source={self.source!r} lets the teacher write single tokens of the student's response, which needs "
                 f"one vocabulary; cross-tokenizer objective {self.objective!r} works with source gt, teacher, "
                 "student, mixed or adaptive."
             )
-        if not 0.0 <= self.mixed_lambda <= 1.0:
-            raise ValueError(f"mixed_lambda={self.mixed_lambda} must lie in [0, 1].")
-        if self.replay_buffer_size < 1:
-            raise ValueError(f"replay_buffer_size={self.replay_buffer_size} must be ≥ 1.")
-        self.intervention(), self.sampling()  # raise on bad generation settings now, not mid-training
+        _require(0.0 <= self.mixed_lambda <= 1.0, "mixed_lambda", self.mixed_lambda, "must lie in [0, 1]")
+        _require(self.replay_buffer_size >= 1, "replay_buffer_size", self.replay_buffer_size, "must be ≥ 1")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be ≥ 1")
+        _require(self.generation_temperature >= 0, "generation_temperature", self.generation_temperature,
+                 "must be ≥ 0 (0 = greedy)")
+        _require(0 < self.generation_top_p <= 1, "generation_top_p", self.generation_top_p, "must lie in (0, 1]")
+        _require(self.generation_top_k >= 0, "generation_top_k", self.generation_top_k,
+                 "must be ≥ 0 (0 = no top-k filter)")
+        _require_choice("switch_schedule", self.switch_schedule, SCHEDULES)
+        _require(self.switch_tau0 >= 0, "switch_tau0", self.switch_tau0, "must be ≥ 0")
+        _require(self.switch_decay >= 0, "switch_decay", self.switch_decay, "must be ≥ 0")
+        _require(self.skd_top_k >= 1, "skd_top_k", self.skd_top_k, "must be ≥ 1")
+        _require(0 <= self.mixture_alpha <= 1, "mixture_alpha", self.mixture_alpha, "must lie in [0, 1]")
 
     def _check_teacher_cache(self) -> None:
         if self.teacher_cache is None:
             return
-        if self.teacher_cache_kind not in CACHE_KINDS:
-            raise ValueError(f"teacher_cache_kind={self.teacher_cache_kind!r} is unknown: choose hidden or topk.")
+        _require_choice("teacher_cache_kind", self.teacher_cache_kind, CACHE_KINDS)
         if not self.uses_teacher or self.source != "gt" or self.objective in CROSS_TOKENIZER:
-            raise ValueError(
+            raise ConfigError(
                 "teacher_cache holds the teacher's signal on the dataset's own responses for one vocabulary: it needs "
                 f"source='gt' (not {self.source!r}), alpha_kd > 0 and a same-vocabulary objective (vanilla, dskd, "
                 f"dskd_v1; not {self.objective!r}). Unset teacher_cache for this run."
             )
         if self.teacher_cache_kind == "topk":
             if self.objective != "vanilla" or self.divergence not in TOPK_DIVERGENCES:
-                raise ValueError(
+                raise ConfigError(
                     "teacher_cache_kind='topk' keeps only the teacher's top-k probabilities (p = 0 elsewhere): it "
                     f"works with objective 'vanilla' and divergence {', '.join(TOPK_DIVERGENCES)} (got "
                     f"{self.objective!r}, {self.divergence!r}). Use teacher_cache_kind='hidden' for the others."
                 )
-            if self.teacher_cache_top_k < 1:
-                raise ValueError(f"teacher_cache_top_k={self.teacher_cache_top_k} must be ≥ 1.")
+            _require(self.teacher_cache_top_k >= 1, "teacher_cache_top_k", self.teacher_cache_top_k, "must be ≥ 1")
 
     def lora_config(self):
         """peft's LoraConfig for `use_peft`, else None."""
@@ -332,28 +347,58 @@ class DistillConfig(TrainingArguments):
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "DistillConfig":
         """Read a YAML file (optional), then apply `--field value` command-line overrides."""
         values = _read_yaml(path) if path is not None else {}
-        parser = HfArgumentParser(cls)
+        parser = _OptionParser(cls, prog="llmdistill train")
         parser.set_defaults(**values)
-        (config,) = parser.parse_args_into_dataclasses(args=overrides or [])
+        config, unused = parser.parse_args_into_dataclasses(args=overrides or [], return_remaining_strings=True)
+        if unused:
+            raise ConfigError(_unknown_option(unused[0], "command-line option", prefix="--"))
         return config
+
+
+class _OptionParser(HfArgumentParser):
+    """Reports a bad flag or value as a ConfigError (one line) instead of argparse's usage text and exit."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}. See llmdistill train --help.")
+
+
+def _require(holds: bool, field: str, value: object, rule: str) -> None:
+    """Raise ConfigError `field=value rule.` unless `holds` (written as a positive check so that NaN fails it)."""
+    if not holds:
+        raise ConfigError(f"{field}={value!r} {rule}.")
+
+
+def _require_choice(field: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(unknown_choice(field, value, choices))
 
 
 def _init_field_names() -> set[str]:
     return {f.name for f in fields(DistillConfig) if f.init}
 
 
+def _unknown_option(key: str, kind: str, prefix: str = "") -> str:
+    name = key.split("=", 1)[0].removeprefix(prefix)
+    hint = difflib.get_close_matches(name, _init_field_names(), n=1)
+    spelled = (f"{prefix}{hint[0]}" if prefix else repr(hint[0])) if hint else None
+    suggestion = f" Did you mean {spelled}?" if hint else " See llmdistill train --help for the options."
+    return f"unknown {kind} {key!r}.{suggestion}"
+
+
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist.")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file {path} does not exist: give the path of a YAML file (see configs/).")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', None) or error}).") from error
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config file must be a mapping of option names to values.")
+        raise ConfigError(f"{path}: a config file must be a mapping of option names to values.")
     known = _init_field_names()
     for key in values:
         if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(f"{path}: unknown option {key!r}.{suggestion}")
+            raise ConfigError(f"{path}: {_unknown_option(key, 'option')}")
     return values
-

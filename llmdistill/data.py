@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,19 +15,16 @@ from transformers import PreTrainedTokenizerBase
 
 from .align import align_batch, align_spans, token_byte_spans, token_pieces
 from .edit_distance import edit_distance_pairs
+from .errors import DataError, first_line, is_hub_name
 
 IGNORE_INDEX = -100
 RESPONSE_COLUMNS = ("output", "completion", "response")
 PLAIN_CHAT_SUFFIX = "assistant: "
-MAX_LISTED_PROBLEMS = 5
+MAX_LISTED_PROBLEMS = 3
 PAIR_COLUMNS = ("aligned_pairs", "mined_pairs")
 CACHE_INDEX_COLUMN = "cache_index"  # a row's place in the teacher cache (teacher_cache.py)
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """The data cannot be trained on as given; the message says which rows and how to fix them."""
 
 
 @dataclass(frozen=True)
@@ -38,21 +36,66 @@ class ExampleFormat:
     response_column: str | None = None
 
 
-def load_raw_dataset(name_or_path: str, split: str = "train", config_name: str | None = None) -> datasets.Dataset:
-    """A JSONL/JSON file, a folder written by `Dataset.save_to_disk`, or a hub dataset name."""
-    path = Path(name_or_path)
+def load_raw_dataset(
+    name_or_path: str, split: str = "train", config_name: str | None = None, field: str = "dataset_name_or_path"
+) -> datasets.Dataset:
+    """A JSONL/JSON file, a folder written by `Dataset.save_to_disk`, or a hub dataset name; `field` is the option
+    that named it, for the error messages."""
+    path = Path(name_or_path).expanduser()
     if path.exists() and split != "train":
         raise DataError(
             f"split {split!r} cannot be taken from the local dataset {path}: a file or saved folder is one split. "
             "Give the evaluation data its own file (eval_dataset_name_or_path)."
         )
     if path.is_file():
-        if path.suffix not in (".jsonl", ".json"):
-            raise DataError(f"dataset file {path} must be .jsonl or .json.")
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+        return _load_json_file(path, field)
     if (path / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(path))
-    return datasets.load_dataset(name_or_path, config_name, split=split)
+    if not path.exists() and not is_hub_name(name_or_path):
+        raise DataError(
+            f"{field}={name_or_path!r}: no such file or folder. Give a .jsonl/.json file, a folder written by "
+            "Dataset.save_to_disk, or a hub dataset name."
+        )
+    try:
+        return datasets.load_dataset(name_or_path, config_name, split=split)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise DataError(
+            f"{field}={name_or_path!r} is not a local file or folder, and the hub could not provide it "
+            f"({first_line(error)}). Give a local .jsonl/.json file, or a hub dataset reachable from this machine."
+        ) from error
+
+
+def _load_json_file(path: Path, field: str) -> datasets.Dataset:
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{field}={str(path)!r} must be a .jsonl (one JSON object per line) or .json file.")
+    try:
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps every reading error alike: find the line it came from
+        problem = json_file_problem(path) or first_line(error.__cause__ or error)
+        raise DataError(f"{field}={str(path)!r}: {problem}.") from error
+    if len(dataset) == 0:
+        raise DataError(f"{field}={str(path)!r} holds no rows.")
+    return dataset
+
+
+def json_file_problem(path: Path) -> str | None:
+    """Where a JSON/JSONL file stops being a list of objects, as `line N: ...`; None if it is one."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        return "the file is empty: it holds no rows"
+    documents = [(1, text)] if path.suffix == ".json" else [
+        (number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()
+    ]
+    for number, document in documents:
+        try:
+            value = json.loads(document)
+        except json.JSONDecodeError as error:
+            line = number + error.lineno - 1
+            return f"line {line} is not valid JSON ({error.msg}, column {error.colno}): fix or remove it"
+        rows = value if path.suffix == ".json" and isinstance(value, list) else [value]
+        if not all(isinstance(row, dict) for row in rows):
+            return f"line {number}: each row must be a JSON object {{\"prompt\": ..., \"output\": ...}}"
+    return None
 
 
 def resolve_format(
@@ -146,11 +189,11 @@ def prepare_dataset(
             dropped += 1
         elif problem == "overlong":
             problems.append(
-                f"row {index}: the prompt has {side.example.response_start} {role}tokens, more than max_prompt_length="
+                f"row {index + 1}: the prompt has {side.example.response_start} {role}tokens, more than max_prompt_length="
                 f"{max_prompt_length} (raise max_prompt_length, or set drop_overlong_prompts=True to skip such rows)"
             )
         elif problem:
-            problems.append(f"row {index}: {role + 'tokenizer: ' if role else ''}{problem}")
+            problems.append(f"row {index + 1}: {role + 'tokenizer: ' if role else ''}{problem}")
         else:
             usable.append(encoded)
     _raise_if_problems(problems, len(dataset), name)
@@ -283,9 +326,9 @@ def _token_problem(response_start: int, max_prompt_length: int) -> str | None:
 def _raise_if_problems(problems: list[str], total: int, name: str) -> None:
     if not problems:
         return
-    listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-    more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-    raise DataError(f"{name} data: {len(problems)} of {total} examples cannot be used:\n  {listed}{more}")
+    listed = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    raise DataError(f"{name} data: {len(problems)} of {total} rows cannot be used (rows counted from 1): {listed}{more}.")
 
 
 @dataclass

@@ -116,6 +116,12 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "tvd": total_variation,
     "akl": adaptive_kl,
 }
+# Names other tools and papers use, for the suggestion on an unknown divergence.
+DIVERGENCE_ALIASES = {
+    "kl": "fkl", "forward_kl": "fkl", "reverse_kl": "rkl", "js": "jsd", "generalized_jsd": "jsd", "sfkl": "skl",
+    "skew_kl": "skl", "skew_forward_kl": "skl", "skew_rkl": "srkl", "skew_reverse_kl": "srkl", "tv": "tvd",
+    "adaptive_kl": "akl",
+}
 
 
 def validate_divergence(

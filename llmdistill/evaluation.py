@@ -15,9 +15,12 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import IGNORE_INDEX, DistillCollator, ExampleFormat, prepare_dataset
+from .data import IGNORE_INDEX, DistillCollator, ExampleFormat, json_file_problem, prepare_dataset
+from .errors import DataError
 from .losses import distill_loss_from_hidden, top1_from_hidden
-from .models import LMHead, eval_mode, load_model, load_tokenizer, supervised_hidden_states
+from .models import (
+    LMHead, check_model_source, eval_mode, load_model, load_tokenizer, supervised_hidden_states,
+)
 from .objectives.cross_batch import Positions, token_pairs_to_positions
 from .objectives.cross_common import head_rows, shared_vocabulary, teacher_to_student_ids
 from .rollout import Intervention, Sampling, rollout
@@ -191,16 +194,19 @@ def load_eval_set(path: str | Path, limit: int | None = None) -> EvalSet:
     GSM8K's `question` + `answer`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation data {path} does not exist.")
+        raise DataError(
+            f"--data {path}: no such file. Give JSONL files of prompt + output, or GSM8K's question + answer."
+        )
+    problem = json_file_problem(path)
+    if problem is not None:
+        raise DataError(f"--data {path}: {problem}.")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
-    if not rows:
-        raise ValueError(f"{path} has no rows.")
     if {"question", "answer"} <= rows[0].keys():
         prompts = [GSM8K_PROMPT.format(question=row["question"]) for row in rows]
         return EvalSet(_set_name(path), prompts, [[row["answer"]] for row in rows], gsm8k=True)
     if not {"prompt", "output"} <= rows[0].keys():
-        raise ValueError(
-            f"{path}: rows need 'prompt' and 'output' (a reference or a list of them), or GSM8K's 'question' and "
+        raise DataError(
+            f"--data {path}: rows need 'prompt' and 'output' (a reference or a list of them), or GSM8K's 'question' and "
             f"'answer'; the first row has {sorted(rows[0])}."
         )
     references = [row["output"] if isinstance(row["output"], list) else [row["output"]] for row in rows]
@@ -300,14 +306,17 @@ def evaluate_model(
     """`llmdistill eval`: per data file, the metric averaged over seeds (mean and std) and, with a teacher, the
     held-out teacher→student KL and top-1 agreement on the first reference. Writes results.json, results.md and
     predictions.jsonl (one line per prompt and seed) to `output_dir`."""
-    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
-    teacher = load_model(str(teacher_dir)) if teacher_dir else None
+    check_model_source(str(model_dir), "model")
+    if teacher_dir:
+        check_model_source(str(teacher_dir), "--teacher")
+    eval_sets = [load_eval_set(path, limit) for path in data]
+    model, tokenizer = load_model(str(model_dir), field="model"), load_tokenizer(str(model_dir), field="model")
+    teacher = load_model(str(teacher_dir), field="--teacher") if teacher_dir else None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results, predictions_file = {"model": str(model_dir), "seeds": list(seeds), "protocol": vars(protocol),
                                  "datasets": {}}, []
-    for path in data:
-        eval_set = load_eval_set(path, limit)
+    for eval_set in eval_sets:
         per_seed = []
         for seed in seeds:
             predictions = sample_responses(model, tokenizer, eval_set.prompts, protocol, seed, progress)

@@ -7,35 +7,84 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import ModelError, first_line, is_hub_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A fast tokenizer (offsets are needed for alignment) with a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+def check_model_source(
+    name_or_path: str, field: str, trust_remote_code: bool = False, tokenizer_only: bool = False
+) -> None:
+    """Raise ModelError, before any weights load, unless `name_or_path` is a model folder (config.json, or a saved
+    adapter) or a hub model this machine can reach; `field` is the option that named it. `tokenizer_only`: only
+    that a named folder exists (`load_tokenizer` reports what is wrong inside it)."""
+    path = Path(name_or_path).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return
+    if not path.exists() and not is_hub_name(name_or_path):
+        raise ModelError(f"{field}={name_or_path!r}: no such folder. Give the folder that save_pretrained wrote.")
+    if path.is_file():
+        raise ModelError(
+            f"{field}={name_or_path!r} is a file: give the folder that holds it with config.json and the weights."
+        )
+    if tokenizer_only:
+        return
+    try:
+        AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(_not_loadable(name_or_path, field, error, "model")) from error
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, field: str = "tokenizer"
+                   ) -> PreTrainedTokenizerBase:
+    """A fast tokenizer (offsets are needed for alignment) with a pad token; `field` names the option for errors."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(_not_loadable(name_or_path, field, error, "tokenizer")) from error
+    where = f"{field}={name_or_path!r}"
     if not tokenizer.is_fast:
-        raise ValueError(
-            f"tokenizer {name_or_path!r} is a slow (Python) tokenizer without character offsets: provide a "
-            "tokenizer.json (e.g. `AutoTokenizer.from_pretrained(path, use_fast=True).save_pretrained(path)` "
-            "with the `tokenizers` package installed)."
+        raise ModelError(
+            f"{where} is a slow (Python) tokenizer without character offsets: provide a tokenizer.json (e.g. "
+            "`AutoTokenizer.from_pretrained(path, use_fast=True).save_pretrained(path)` with the `tokenizers` "
+            "package installed)."
         )
     if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
-        raise ValueError(
-            f"tokenizer {name_or_path!r} turns text into no tokens: its vocabulary did not load. Check that the "
-            "folder holds tokenizer.json (not only a compressed tokenizer.json.gz) or its vocab/merges files."
+        raise ModelError(
+            f"{where}: the tokenizer turns text into no tokens: its vocabulary did not load. Check that the folder "
+            "holds tokenizer.json (not only a compressed tokenizer.json.gz) or its vocab/merges files."
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name_or_path!r} has no eos_token: set one in its tokenizer_config.json.")
+        raise ModelError(f"{where}: the tokenizer has no eos_token: set one in its tokenizer_config.json.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, field: str = "model"
+               ) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise ModelError(_not_loadable(name_or_path, field, error, "model")) from error
+
+
+def _not_loadable(name_or_path: str, field: str, error: Exception, kind: str) -> str:
+    where = f"{field}={name_or_path!r}"
+    if Path(name_or_path).expanduser().is_dir():
+        return (
+            f"{where}: the folder holds no loadable {kind} ({first_line(error)}). Give the folder that "
+            "save_pretrained wrote."
+        )
+    if not is_hub_name(name_or_path):
+        return f"{where}: no such folder. Give the folder that save_pretrained wrote."
+    return (
+        f"{where} is not a local folder, and not a hub {kind} reachable from this machine ({first_line(error)}). "
+        "Give a local folder, or check the name and the network."
     )
 
 
@@ -55,7 +104,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, trust_remote_
     except ImportError as error:
         raise ImportError("merging an adapter needs peft: pip install 'llmdistill[peft]'.") from error
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: it is not a saved adapter.")
+        raise ModelError(f"adapter={str(adapter_dir)!r} holds no adapter_config.json: give the folder a use_peft run saved.")
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
     model.merge_and_unload().save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(output_dir)

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .data import IGNORE_INDEX, DistillCollator
+from .errors import CacheError
 from .losses import default_chunk_size
 from .models import LMHead, supervised_hidden_states
 
@@ -112,7 +113,10 @@ class TeacherCache:
         self.directory = Path(directory)
         path = self.directory / META_FILENAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {self.directory} is not a teacher cache.")
+            raise CacheError(
+                f"teacher_cache={str(self.directory)!r}: {path.name} is missing, so it is not a teacher cache. Point "
+                "teacher_cache at a new folder (it is built on the first run) or at a finished cache."
+            )
         self.meta = json.loads(path.read_text())
         self._shards = self._offsets = None
 
@@ -125,9 +129,9 @@ class TeacherCache:
         for key, value in expected.items():
             recorded = self.meta.get(key)
             if recorded != value:
-                raise ValueError(
-                    f"teacher cache {self.directory} does not match this run: its {key} is {recorded!r}, the run's is "
-                    f"{value!r}. Point teacher_cache at a new folder (it is built on the first run) or delete this one."
+                raise CacheError(
+                    f"teacher_cache={str(self.directory)!r} does not match this run: its {key} is {recorded!r}, the "
+                    f"run's is {value!r}. Point teacher_cache at a new folder (it is built on the first run) or delete this one."
                 )
 
     def head(self, device) -> LMHead | TopKHead:

@@ -8,11 +8,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
-from .config import DistillConfig
+from .config import CONFIG_FILENAME, DistillConfig
 from .data import (
     CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
 )
@@ -20,14 +24,17 @@ from .distributed import (
     average_gradients_over_ranks, gathered_for_reading, keep_whole_under_zero3, shard_keeping_head_whole,
     sum_over_ranks, zero3_teacher_engine,
 )
+from .errors import ConfigError, DataError, ModelError, NonFiniteLossError
 from .losses import distill_loss_from_hidden
 from .models import (
-    LMHead, eval_mode, freeze, load_model, load_tokenizer, supervised_hidden_states, with_adapter,
+    LMHead, check_model_source, eval_mode, freeze, last_hidden_states, load_model, load_tokenizer,
+    supervised_hidden_states, with_adapter,
 )
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
 from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
 from .objectives.dskd import DualSpaceProjectors
 from .evaluation import exact_match, rouge_l
+from .progress import TrainingProgress
 from .rollout import Intervention, Sampling, rollout
 from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
 from .teacher_cache import (
@@ -39,6 +46,12 @@ from .vocab import VocabBridge, shared_vocab_size
 PROJECTORS_FILENAME = "projectors.safetensors"
 PROJECTORS_MODULE = "distill_projectors"  # the projectors' name inside the student, under DeepSpeed only
 SOURCE_STATE_FILENAME = "sequence_source_rank{rank}.pt"
+# Options that decide what a checkpoint holds (student weights, projectors, adapters, source state): a run resumes
+# only from a checkpoint written with the same values.
+RESUME_FIELDS = (
+    "student_model_name_or_path", "objective", "source", "use_peft", "lora_r", "lora_target_modules", "dskd_s2t",
+    "dskd_spaces",
+)
 
 
 class DistillTrainer(Trainer):
@@ -65,15 +78,12 @@ class DistillTrainer(Trainer):
         if not isinstance(args, DistillConfig):
             raise TypeError("args must be a DistillConfig (it carries the distillation options).")
         student = _first_given(student, model, args.student_model_name_or_path, name="student")
-        tokenizer = processing_class or load_tokenizer(
-            _tokenizer_source(args.student_tokenizer_name_or_path, student, "student"), args.trust_remote_code
-        )
+        teacher = _first_given(teacher, args.teacher_model_name_or_path, name="teacher") if args.uses_teacher else None
+        _check_model_sources(args, student, teacher)
+        tokenizer = processing_class or _load_role_tokenizer(args, student, "student")
         teacher_tokenizer, self.vocab_bridge = None, None
         if args.uses_teacher:
-            teacher = _first_given(teacher, args.teacher_model_name_or_path, name="teacher")
-            teacher_tokenizer = teacher_processing_class or load_tokenizer(
-                _tokenizer_source(args.teacher_tokenizer_name_or_path, teacher, "teacher"), args.trust_remote_code
-            )
+            teacher_tokenizer = teacher_processing_class or _load_role_tokenizer(args, teacher, "teacher")
             self.vocab_bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
             if args.objective not in CROSS_TOKENIZER:
                 _check_same_tokens(args.objective, self.vocab_bridge, teacher_tokenizer, tokenizer)
@@ -96,7 +106,7 @@ class DistillTrainer(Trainer):
             train_dataset = _with_cache_index(train_dataset, 0)
             eval_dataset = _with_cache_index(eval_dataset, len(train_dataset))
         if isinstance(student, str):
-            student = load_model(student, args.model_dtype, args.trust_remote_code)
+            student = load_model(student, args.model_dtype, args.trust_remote_code, field="student_model_name_or_path")
         peft_config = peft_config or args.lora_config()
         if peft_config is not None:
             set_seed(args.seed)  # the adapters' initialisation
@@ -111,6 +121,9 @@ class DistillTrainer(Trainer):
             processing_class=tokenizer,
             **kwargs,
         )
+        for shown_as_dicts in (ProgressCallback, PrinterCallback):
+            self.remove_callback(shown_as_dicts)
+        self.add_callback(TrainingProgress())
         # Our compute_loss divides by the step's token count itself: make the Trainer count it and not rescale.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -136,7 +149,7 @@ class DistillTrainer(Trainer):
             self.teacher = CachedTeacher(self._cached_head) if self.teacher_cache.kind == "hidden" else None
         else:
             if isinstance(teacher, str):
-                teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
+                teacher = load_model(teacher, args.model_dtype, args.trust_remote_code, field="teacher_model_name_or_path")
             self.teacher = freeze(teacher).to(args.device)
             if self.is_fsdp_enabled:
                 shard_keeping_head_whole(self.teacher)
@@ -164,7 +177,7 @@ class DistillTrainer(Trainer):
         """The loss reads the student's LM head weight outside the model's forward, where FSDP would hold only a
         shard of it: leave the head out of the shards and average its gradient over the ranks ourselves."""
         if not self.accelerator.is_fsdp2:
-            raise ValueError(
+            raise ConfigError(
                 "DistillTrainer supports FSDP version 2 (torch fully_shard): set fsdp_version: 2 in the accelerate "
                 "config (see configs/accelerate/fsdp2.yaml)."
             )
@@ -199,7 +212,9 @@ class DistillTrainer(Trainer):
         with self.accelerator.main_process_first():
             if not (directory / CACHE_META_FILENAME).is_file():
                 if isinstance(teacher, str):
-                    teacher = load_model(teacher, args.model_dtype, args.trust_remote_code)
+                    teacher = load_model(
+                        teacher, args.model_dtype, args.trust_remote_code, field="teacher_model_name_or_path"
+                    )
                 build_teacher_cache(
                     directory, freeze(teacher).to(args.device), list(splits.values()), _pad_id(teacher_tokenizer),
                     args.teacher_cache_kind, args.teacher_cache_top_k, args.temperature,
@@ -219,7 +234,7 @@ class DistillTrainer(Trainer):
         if args.source == "gt":
             return
         if args.source == "adaptive" and (self.eval_dataset is None or args.eval_strategy == "no"):
-            raise ValueError(
+            raise ConfigError(
                 "source='adaptive' raises its share of student generations when the validation loss rises: give "
                 "evaluation data (eval_dataset / eval_dataset_name_or_path) and set eval_strategy='steps' (eval_steps)."
             )
@@ -236,26 +251,17 @@ class DistillTrainer(Trainer):
     @staticmethod
     def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str,
                    teacher_tokenizer=None):
-        """Raw rows tokenised for the student (and, for cross-tokenizer objectives, for the teacher, with the token
-        pairs the objective compares); already tokenised rows are checked for the columns the objective needs."""
-        if dataset is None:
-            if not source:
-                raise ValueError(f"no {name} data: pass {name}_dataset= or set dataset_name_or_path.")
-            dataset = load_raw_dataset(source, split, args.dataset_config_name)
-        needed = {"input_ids", "labels"} | (set(_cross_columns(args.objective)) if teacher_tokenizer else set())
-        if {"input_ids", "labels"} <= set(dataset.column_names):
-            missing = needed - set(dataset.column_names)
-            if missing:
-                raise ValueError(
-                    f"the pre-tokenised {name} data lacks {sorted(missing)}, which objective {args.objective!r} needs: "
-                    "pass the raw rows (prompt/response or messages) and let the trainer tokenise them for both models."
-                )
-            return dataset
-        fmt = resolve_format(dataset.column_names, args.prompt_column, args.response_column, args.messages_column)
-        return prepare_dataset(
-            dataset, tokenizer, fmt, args.max_prompt_length, args.max_length, args.drop_overlong_prompts, name,
-            teacher_tokenizer, pairings=("mined",) if args.objective in NEEDS_MINED_PAIRS else (),
-        )
+        """`dataset`, or the one `source` names, tokenised (`_tokenise`); errors in a named file name its option."""
+        if dataset is not None:
+            return _tokenise(dataset, args, tokenizer, name, teacher_tokenizer)
+        if not source:
+            raise ConfigError(f"no {name} data: pass {name}_dataset= or set dataset_name_or_path.")
+        field = "eval_dataset_name_or_path" if source == args.eval_dataset_name_or_path else "dataset_name_or_path"
+        dataset = load_raw_dataset(source, split, args.dataset_config_name, field=field)
+        try:
+            return _tokenise(dataset, args, tokenizer, name, teacher_tokenizer)
+        except DataError as error:
+            raise DataError(f"{field}={source!r}: {error}") from error
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.is_deepspeed_enabled:  # a no-op unless ZeRO-3 has partitioned the student
@@ -279,14 +285,38 @@ class DistillTrainer(Trainer):
             output, ce_tokens, kd_tokens = self._on_generated(model, inputs, draw, gold_tokens, denominator)
         loss = output.loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the loss is not finite (ce sum {float(output.ce)}, kd sum {float(output.kd)}): lower the learning "
-                "rate or load the models in float32 (model_dtype)."
-            )
+            self._raise_non_finite(inputs, output)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; undo it
         self._record(output, ce_tokens, kd_tokens)
         return (loss, None) if return_outputs else loss
+
+    @torch.no_grad()
+    def _raise_non_finite(self, inputs, output: ObjectiveOutput) -> None:
+        """Names the model to fix: a teacher whose outputs (or head, or cached signal) hold NaN/inf, else the
+        student's training, which diverged."""
+        if self.objective is not None and not self._teacher_outputs_finite(inputs):
+            model = self.args.teacher_cache or self.args.teacher_model_name_or_path or "the teacher"
+            raise ModelError(
+                f"the teacher ({model}) produced non-finite values (NaN or inf) on a training batch: check its weights, "
+                "or load it in float32 (model_dtype=float32) if they overflow in half precision."
+            )
+        raise NonFiniteLossError(
+            f"the loss is not finite (ce sum {float(output.ce)}, kd sum {float(output.kd)}) while the teacher's outputs "
+            "are: the student diverged. Lower learning_rate, or load the models in float32 (model_dtype=float32)."
+        )
+
+    def _teacher_outputs_finite(self, inputs) -> bool:
+        head = self._teacher_head()
+        if isinstance(head, LMHead) and not all(
+            torch.isfinite(tensor).all() for tensor in (head.weight, head.bias) if tensor is not None
+        ):
+            return False
+        if self.teacher_cache is not None:
+            return bool(torch.isfinite(self.teacher_cache.signal(inputs[CACHE_INDEX_COLUMN])).all())
+        prefix = "teacher_" if self.objective.cross_tokenizer else ""
+        hidden = last_hidden_states(self.teacher, inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"])
+        return bool(torch.isfinite(hidden).all())
 
     def _objective_output(self, model, inputs, ce_weight, kd_weight, teacher_hidden=None, on_policy=False
                           ) -> ObjectiveOutput:
@@ -512,13 +542,48 @@ class DistillTrainer(Trainer):
             return
         path = Path(checkpoint) / SOURCE_STATE_FILENAME.format(rank=self.args.process_index)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was not written by a run with source={self.args.source!r} on this "
-                "many processes, so its draws, replay buffer and sampling state cannot be restored."
+            raise ConfigError(
+                f"resume_from_checkpoint: {path} is missing: the checkpoint was not written by a run with "
+                f"source={self.args.source!r} on this many processes, so its draws, replay buffer and sampling state "
+                "cannot be restored. Resume on as many processes as wrote it, or start a new output_dir."
             )
         state = torch.load(path, weights_only=True)
         self.sequence_source.load_state_dict(state["source"])
         self.rollout_generator.set_state(state["rollout"])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`; a checkpoint to resume from must exist and come from a run of this configuration."""
+        if resume_from_checkpoint:
+            resume_from_checkpoint = str(self._checkpoint_to_resume(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _checkpoint_to_resume(self, requested: str | bool) -> Path:
+        """The checkpoint folder (`True`: the newest in output_dir), refused when it is missing or was written with
+        other values of the options that decide what a checkpoint holds (RESUME_FIELDS)."""
+        if requested is True:
+            last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
+            if last is None:
+                raise ConfigError(
+                    f"resume_from_checkpoint='last': output_dir={self.args.output_dir!r} holds no checkpoint-N folder. "
+                    "Set save_strategy (and save_steps) to write checkpoints, or unset resume_from_checkpoint."
+                )
+            requested = last
+        checkpoint = Path(requested)
+        if not (checkpoint / TRAINER_STATE_NAME).is_file():
+            raise ConfigError(
+                f"resume_from_checkpoint={str(checkpoint)!r} is not a checkpoint (no {TRAINER_STATE_NAME}): give a "
+                "checkpoint-N folder from output_dir, or 'last'."
+            )
+        saved_path = checkpoint / CONFIG_FILENAME
+        saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
+        for field in RESUME_FIELDS:
+            if field in saved and saved[field] != getattr(self.args, field):
+                raise ConfigError(
+                    f"resume_from_checkpoint={str(checkpoint)!r} was written by a run with {field}={saved[field]!r}, "
+                    f"this run has {field}={getattr(self.args, field)!r}: resume with the checkpoint's {field}, or "
+                    "start a new output_dir."
+                )
+        return checkpoint
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -600,7 +665,7 @@ def _supervised_count(labels: torch.Tensor) -> int:
     """Supervised (response) tokens of a batch; a batch without any is an error, never a silent zero loss."""
     count = int((labels[:, 1:] != IGNORE_INDEX).sum())
     if count == 0:
-        raise ValueError(
+        raise DataError(
             "a batch has no supervised (response) token: every label is -100. Each example needs at least one "
             "response token; check the labels of pre-tokenised data."
         )
@@ -611,17 +676,51 @@ def _first_given(*candidates, name: str):
     for candidate in candidates:
         if candidate is not None:
             return candidate
-    raise ValueError(f"no {name} model: pass {name}= or set {name}_model_name_or_path.")
+    raise ConfigError(f"no {name} model: pass {name}= or set {name}_model_name_or_path.")
 
 
-def _tokenizer_source(explicit: str | None, model, role: str) -> str:
+def _tokenise(dataset, args: DistillConfig, tokenizer, name: str, teacher_tokenizer=None):
+    """Raw rows tokenised for the student (and, for cross-tokenizer objectives, for the teacher, with the token
+    pairs the objective compares); already tokenised rows are checked for the columns the objective needs."""
+    needed = {"input_ids", "labels"} | (set(_cross_columns(args.objective)) if teacher_tokenizer else set())
+    if {"input_ids", "labels"} <= set(dataset.column_names):
+        missing = needed - set(dataset.column_names)
+        if missing:
+            raise DataError(
+                f"the pre-tokenised {name} data lacks {sorted(missing)}, which objective {args.objective!r} needs: "
+                "pass the raw rows (prompt/response or messages) and let the trainer tokenise them for both models."
+            )
+        return dataset
+    fmt = resolve_format(dataset.column_names, args.prompt_column, args.response_column, args.messages_column)
+    return prepare_dataset(
+        dataset, tokenizer, fmt, args.max_prompt_length, args.max_length, args.drop_overlong_prompts, name,
+        teacher_tokenizer, pairings=("mined",) if args.objective in NEEDS_MINED_PAIRS else (),
+    )
+
+
+def _check_model_sources(args: DistillConfig, student, teacher) -> None:
+    """Every model and tokenizer named by a path or hub name exists, before anything is loaded."""
+    named = {
+        "student_model_name_or_path": student, "teacher_model_name_or_path": teacher,
+        "student_tokenizer_name_or_path": args.student_tokenizer_name_or_path,
+        "teacher_tokenizer_name_or_path": args.teacher_tokenizer_name_or_path if args.uses_teacher else None,
+    }
+    for field, source in named.items():
+        if isinstance(source, str):
+            check_model_source(source, field, args.trust_remote_code, tokenizer_only="tokenizer" in field)
+
+
+def _load_role_tokenizer(args: DistillConfig, model, role: str) -> PreTrainedTokenizerBase:
+    """The `role` ("student" or "teacher") tokenizer: its own option if set, else the model's folder or name."""
+    explicit = getattr(args, f"{role}_tokenizer_name_or_path")
     source = explicit or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
     if not source:
-        raise ValueError(
+        raise ConfigError(
             f"cannot find the {role} tokenizer: pass it (processing_class / teacher_processing_class) or set "
             f"{role}_tokenizer_name_or_path."
         )
-    return source
+    field = f"{role}_tokenizer_name_or_path" if explicit else f"{role}_model_name_or_path"
+    return load_tokenizer(source, args.trust_remote_code, field=field)
 
 
 def _cross_columns(objective: str) -> tuple[str, ...]:
@@ -635,7 +734,7 @@ def _pad_id(tokenizer) -> int | None:
 
 def _check_same_tokens(objective: str, bridge: VocabBridge, teacher_tokenizer, student_tokenizer) -> None:
     if not bridge.same_vocabulary:
-        raise ValueError(
+        raise ConfigError(
             f"objective {objective!r} needs teacher and student to share one vocabulary, but their tokenizers "
             f"differ ({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens, or the same tokens with "
             "different ids). Use a cross-tokenizer objective (dskd_eta, uld, mined, cma, simple_ctkd; see the "

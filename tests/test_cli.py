@@ -64,7 +64,7 @@ def test_bad_option_fails_before_training_with_a_clear_message(tmp_path, model_d
     config = write_config(tmp_path, teacher_dir, student_dir, train_file)
     result = run_cli("train", str(config), "--divergence", "kl", cwd=tmp_path)
     assert result.returncode != 0
-    assert "unknown divergence 'kl'" in result.stderr
+    assert "divergence='kl' is unknown" in result.stderr and "Did you mean 'fkl'?" in result.stderr
     assert not (tmp_path / "run").exists()
 
 

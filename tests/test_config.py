@@ -37,7 +37,7 @@ def test_unknown_yaml_key_names_the_key_and_a_suggestion(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"divergence": "kll"}, "unknown divergence 'kll'"),
+        ({"divergence": "kll"}, "divergence='kll' is unknown: choose one of fkl"),
         ({"objective": "magic"}, "objective='magic' is unknown"),
         ({"alpha_kd": 1.5}, "alpha_kd=1.5"),
         ({"temperature": 0.0}, "temperature"),

@@ -89,7 +89,7 @@ def test_a_token_straddling_prompt_and_response_is_learned_not_dropped():
 
 def test_empty_response_is_reported_with_its_row(tokenizer):
     rows = [{"prompt": "a\n", "output": "b"}, {"prompt": "c\n", "output": "  "}]
-    with pytest.raises(DataError, match="row 1: the response is empty"):
+    with pytest.raises(DataError, match="row 2: the response is empty"):
         prepare(rows, tokenizer)
 
 
@@ -185,7 +185,7 @@ def test_a_cut_response_has_no_eos_pair(tokenizer, sentencepiece):
 def test_a_row_the_teacher_cannot_use_is_reported_as_the_teachers(tokenizer, sentencepiece):
     rows = [{"prompt": " backwards" * 20 + "\n", "output": "y"}]  # fewer student than teacher tokens
     assert len(sentencepiece(rows[0]["prompt"])["input_ids"]) < 150 < len(tokenizer(rows[0]["prompt"])["input_ids"])
-    with pytest.raises(DataError, match="row 0: the prompt has \\d+ teacher tokens"):
+    with pytest.raises(DataError, match="row 1: the prompt has \\d+ teacher tokens"):
         prepare(rows, sentencepiece, teacher_tokenizer=tokenizer, max_prompt_length=150, max_length=300)
 
 

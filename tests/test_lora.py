@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from llmdistill import DistillConfig, DistillTrainer
 from llmdistill.cli import main as cli
+from llmdistill.errors import ModelError
 
 peft = pytest.importorskip("peft", reason="LoRA needs the peft extra")
 
@@ -71,5 +72,5 @@ def test_activation_checkpointing_trains_the_same_lora_student(tmp_path, model_d
 
 
 def test_merging_a_folder_without_an_adapter_says_so(tmp_path, model_dirs):
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(ModelError, match="adapter_config.json"):
         cli(["merge", str(model_dirs[1]), str(tmp_path / "merged")])
