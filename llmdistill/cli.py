@@ -47,9 +47,9 @@ def _run(argv: list[str]) -> None:
         _train(argv[1:])
         return
     parser = argparse.ArgumentParser(prog="llmdistill", description="Distill a causal LM into a smaller one.")
-    parser.add_argument("--debug", action="store_true", help="show every error's traceback (given before the command)")
+    parser.add_argument("--debug", action="store_true", help="show every error's traceback (before the command)")
     parser.add_argument(
-        "--verbose", action="store_true", help="show transformers' and datasets' loading bars (given before the command)"
+        "--verbose", action="store_true", help="show the loading bars of transformers and datasets (before the command)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train a student: llmdistill train [CONFIG.yaml] [--option value ...]")

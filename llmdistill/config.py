@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -208,44 +210,56 @@ class DistillConfig(TrainingArguments):
             super().__post_init__()
         except ValueError as error:  # TrainingArguments' own checks: options the user set
             raise ConfigError(str(error)) from error
+        self._check_types()
         if self.objective != "sft" and self.objective not in OBJECTIVES:
             raise ConfigError(unknown_choice("objective", self.objective, ("sft", *OBJECTIVES)))
         if self.divergence not in DIVERGENCES:
             raise ConfigError(unknown_choice("divergence", self.divergence, DIVERGENCES, DIVERGENCE_ALIASES))
-        _require(0.0 <= self.alpha_kd <= 1.0, "alpha_kd", self.alpha_kd, "must lie in [0, 1] (0 = CE only, 1 = KD only)")
-        _require(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
-        _require(0.0 <= self.skew_alpha <= 1.0, "skew_alpha", self.skew_alpha, "must lie in [0, 1]")
-        _require(0.0 < self.akl_mu < 1.0, "akl_mu", self.akl_mu, "must lie in (0, 1)")
-        _require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        self._require("alpha_kd", 0 <= self.alpha_kd <= 1, "must lie in [0, 1] (0 = CE only, 1 = KD only)")
+        self._require("jsd_beta", 0 <= self.jsd_beta <= 1, "must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
+        self._require("skew_alpha", 0.0 <= self.skew_alpha <= 1.0, "must lie in [0, 1]")
+        self._require("akl_mu", 0.0 < self.akl_mu < 1.0, "must lie in (0, 1)")
+        self._require("temperature", self.temperature > 0, "must be > 0")
         _require_choice("dskd_s2t", self.dskd_s2t, ("closed_form", "learned"))
         _require_choice("dskd_spaces", self.dskd_spaces, ("both", "student", "teacher"))
-        _require(self.projector_learning_rate > 0, "projector_learning_rate", self.projector_learning_rate, "must be > 0")
+        self._require("projector_learning_rate", self.projector_learning_rate > 0, "must be > 0")
         if self.loss_chunk_size is not None:
-            _require(self.loss_chunk_size >= 1, "loss_chunk_size", self.loss_chunk_size,
-                     "must be ≥ 1, or unset to choose automatically")
+            self._require("loss_chunk_size", self.loss_chunk_size >= 1, "must be ≥ 1, or unset to choose automatically")
         if self.use_peft:
-            _require(self.lora_r >= 1, "lora_r", self.lora_r, "must be ≥ 1")
-            _require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "must be > 0")
-            _require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must lie in [0, 1)")
+            self._require("lora_r", self.lora_r >= 1, "must be ≥ 1")
+            self._require("lora_alpha", self.lora_alpha > 0, "must be > 0")
+            self._require("lora_dropout", 0 <= self.lora_dropout < 1, "must lie in [0, 1)")
         _require_choice("model_dtype", self.model_dtype, ("float32", "bfloat16", "float16", "auto"))
         self._check_training_numbers()
         self._check_source()
         self._check_teacher_cache()
-        _require(self.eval_generation_size >= 0, "eval_generation_size", self.eval_generation_size,
-                 "must be ≥ 0 (0 = loss only)")
-        _require(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be ≥ 1")
-        _require(self.max_length > self.max_prompt_length, "max_length", self.max_length,
-                 f"must exceed max_prompt_length={self.max_prompt_length} so that every example keeps at least one "
-                 "response token")
+        self._require("eval_generation_size", self.eval_generation_size >= 0, "must be ≥ 0 (0 = loss only)")
+        self._require("max_prompt_length", self.max_prompt_length >= 1, "must be ≥ 1")
+        self._require(
+            "max_length", self.max_length > self.max_prompt_length,
+            f"must exceed max_prompt_length={self.max_prompt_length} so that every example keeps a response token",
+        )
+
+    def _require(self, field: str, holds: bool, rule: str) -> None:
+        """Raise ConfigError `field=value rule.` unless `holds` (written as a positive check so that NaN fails it)."""
+        if not holds:
+            raise ConfigError(f"{field}={getattr(self, field)!r} {rule}.")
+
+    def _check_types(self) -> None:
+        """Our fields hold their declared type (a YAML value is not converted unless it is a string)."""
+        for name, declared in _plain_field_types().items():
+            value = getattr(self, name)
+            if value is None or isinstance(value, (int, float) if declared is float else declared):
+                continue
+            raise ConfigError(f"{name}={value!r} must be {declared.__name__}, not {type(value).__name__}.")
 
     def _check_training_numbers(self) -> None:
         """The Trainer's own numbers that it would otherwise accept and fail on mid-run."""
-        _require(self.learning_rate >= 0, "learning_rate", self.learning_rate, "must be ≥ 0")
+        self._require("learning_rate", self.learning_rate >= 0, "must be ≥ 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be ≥ 1")
+            self._require(name, getattr(self, name) >= 1, "must be ≥ 1")
         if self.max_steps <= 0:
-            _require(self.num_train_epochs > 0, "num_train_epochs", self.num_train_epochs,
-                     "must be > 0 when max_steps is unset (or set max_steps ≥ 1)")
+            self._require("num_train_epochs", self.num_train_epochs > 0, "must be > 0 when max_steps is unset")
 
     def _check_source(self) -> None:
         if self.source not in SOURCES:
@@ -261,19 +275,17 @@ class DistillConfig(TrainingArguments):
                 f"one vocabulary; cross-tokenizer objective {self.objective!r} works with source gt, teacher, "
                 "student, mixed or adaptive."
             )
-        _require(0.0 <= self.mixed_lambda <= 1.0, "mixed_lambda", self.mixed_lambda, "must lie in [0, 1]")
-        _require(self.replay_buffer_size >= 1, "replay_buffer_size", self.replay_buffer_size, "must be ≥ 1")
-        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be ≥ 1")
-        _require(self.generation_temperature >= 0, "generation_temperature", self.generation_temperature,
-                 "must be ≥ 0 (0 = greedy)")
-        _require(0 < self.generation_top_p <= 1, "generation_top_p", self.generation_top_p, "must lie in (0, 1]")
-        _require(self.generation_top_k >= 0, "generation_top_k", self.generation_top_k,
-                 "must be ≥ 0 (0 = no top-k filter)")
+        self._require("mixed_lambda", 0.0 <= self.mixed_lambda <= 1.0, "must lie in [0, 1]")
+        self._require("replay_buffer_size", self.replay_buffer_size >= 1, "must be ≥ 1")
+        self._require("max_new_tokens", self.max_new_tokens >= 1, "must be ≥ 1")
+        self._require("generation_temperature", self.generation_temperature >= 0, "must be ≥ 0 (0 = greedy)")
+        self._require("generation_top_p", 0 < self.generation_top_p <= 1, "must lie in (0, 1]")
+        self._require("generation_top_k", self.generation_top_k >= 0, "must be ≥ 0 (0 = no top-k filter)")
         _require_choice("switch_schedule", self.switch_schedule, SCHEDULES)
-        _require(self.switch_tau0 >= 0, "switch_tau0", self.switch_tau0, "must be ≥ 0")
-        _require(self.switch_decay >= 0, "switch_decay", self.switch_decay, "must be ≥ 0")
-        _require(self.skd_top_k >= 1, "skd_top_k", self.skd_top_k, "must be ≥ 1")
-        _require(0 <= self.mixture_alpha <= 1, "mixture_alpha", self.mixture_alpha, "must lie in [0, 1]")
+        self._require("switch_tau0", self.switch_tau0 >= 0, "must be ≥ 0")
+        self._require("switch_decay", self.switch_decay >= 0, "must be ≥ 0")
+        self._require("skd_top_k", self.skd_top_k >= 1, "must be ≥ 1")
+        self._require("mixture_alpha", 0 <= self.mixture_alpha <= 1, "must lie in [0, 1]")
 
     def _check_teacher_cache(self) -> None:
         if self.teacher_cache is None:
@@ -292,7 +304,7 @@ class DistillConfig(TrainingArguments):
                     f"works with objective 'vanilla' and divergence {', '.join(TOPK_DIVERGENCES)} (got "
                     f"{self.objective!r}, {self.divergence!r}). Use teacher_cache_kind='hidden' for the others."
                 )
-            _require(self.teacher_cache_top_k >= 1, "teacher_cache_top_k", self.teacher_cache_top_k, "must be ≥ 1")
+            self._require("teacher_cache_top_k", self.teacher_cache_top_k >= 1, "must be ≥ 1")
 
     def lora_config(self):
         """peft's LoraConfig for `use_peft`, else None."""
@@ -362,10 +374,16 @@ class _OptionParser(HfArgumentParser):
         raise ConfigError(f"{message}. See llmdistill train --help.")
 
 
-def _require(holds: bool, field: str, value: object, rule: str) -> None:
-    """Raise ConfigError `field=value rule.` unless `holds` (written as a positive check so that NaN fails it)."""
-    if not holds:
-        raise ConfigError(f"{field}={value!r} {rule}.")
+@functools.cache
+def _plain_field_types() -> dict[str, type]:
+    """The int, float, str and bool fields declared here (not inherited), by name; `X | None` counts as X."""
+    hints = typing.get_type_hints(DistillConfig)
+    plain = {}
+    for name in DistillConfig.__annotations__:
+        kinds = [kind for kind in typing.get_args(hints[name]) or (hints[name],) if kind is not type(None)]
+        if len(kinds) == 1 and kinds[0] in (int, float, str, bool):
+            plain[name] = kinds[0]
+    return plain
 
 
 def _require_choice(field: str, value: str, choices) -> None:

@@ -149,7 +149,9 @@ class DistillTrainer(Trainer):
             self.teacher = CachedTeacher(self._cached_head) if self.teacher_cache.kind == "hidden" else None
         else:
             if isinstance(teacher, str):
-                teacher = load_model(teacher, args.model_dtype, args.trust_remote_code, field="teacher_model_name_or_path")
+                teacher = load_model(
+                    teacher, args.model_dtype, args.trust_remote_code, field="teacher_model_name_or_path"
+                )
             self.teacher = freeze(teacher).to(args.device)
             if self.is_fsdp_enabled:
                 shard_keeping_head_whole(self.teacher)
@@ -298,12 +300,12 @@ class DistillTrainer(Trainer):
         if self.objective is not None and not self._teacher_outputs_finite(inputs):
             model = self.args.teacher_cache or self.args.teacher_model_name_or_path or "the teacher"
             raise ModelError(
-                f"the teacher ({model}) produced non-finite values (NaN or inf) on a training batch: check its weights, "
-                "or load it in float32 (model_dtype=float32) if they overflow in half precision."
+                f"the teacher ({model}) produced non-finite values (NaN or inf) on a training batch: check its "
+                "weights, or load it in float32 (model_dtype=float32) if they overflow in half precision."
             )
         raise NonFiniteLossError(
-            f"the loss is not finite (ce sum {float(output.ce)}, kd sum {float(output.kd)}) while the teacher's outputs "
-            "are: the student diverged. Lower learning_rate, or load the models in float32 (model_dtype=float32)."
+            f"the loss is not finite (ce sum {float(output.ce)}, kd sum {float(output.kd)}) while the teacher's "
+            "outputs are: the student diverged. Lower learning_rate, or load the models in float32 (model_dtype=float32)."
         )
 
     def _teacher_outputs_finite(self, inputs) -> bool:

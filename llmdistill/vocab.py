@@ -17,6 +17,8 @@ from functools import lru_cache
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .errors import ModelError
+
 IDENTICAL, PADDED, DIFFERENT = "identical", "padded", "different"
 SENTENCEPIECE_SPACE = "\u2581"
 BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -31,7 +33,7 @@ def shared_vocab_size(tokenizer: PreTrainedTokenizerBase, teacher_rows: int, stu
     shared = min(teacher_rows, student_rows)
     highest_id = max(tokenizer.get_vocab().values())
     if highest_id >= shared:
-        raise ValueError(
+        raise ModelError(
             f"token id {highest_id} has no row in a head with {shared} rows: resize the smaller model's embeddings "
             "(model.resize_token_embeddings(len(tokenizer)))."
         )

@@ -89,7 +89,7 @@ def test_dskd_eta_from_a_gpt2_tokenizer_teacher_into_a_llama_tokenizer_student(t
     result = run_cli("train", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    fractions = [float(v) for v in re.findall(r"'aligned_fraction': '([0-9.e-]+)'", result.stdout)]
+    fractions = [float(v) for v in re.findall(r"aligned_fraction=([0-9.e-]+)", result.stdout)]
     assert len(fractions) == 3 and all(0.3 < fraction <= 1 for fraction in fractions)
     out = tmp_path / "run"
     student = AutoModelForCausalLM.from_pretrained(out)

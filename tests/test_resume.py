@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from llmdistill import DistillConfig, DistillTrainer
+from llmdistill.errors import ConfigError
 
 STEPS, KILLED_AT = 6, 3
 
@@ -72,12 +73,20 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_runs_weights(tmp_path, 
         assert torch.equal(actual[name], expected[name]), name
 
 
-def test_resuming_a_generating_run_from_a_checkpoint_without_its_source_state_says_so(tmp_path, model_dirs, tokenizer,
-                                                                                      examples):
+def test_resuming_from_a_checkpoint_of_another_source_or_without_its_source_state_says_so(tmp_path, model_dirs,
+                                                                                          tokenizer, examples):
     _trainer(tmp_path / "gt", model_dirs, tokenizer, examples, objective="vanilla", max_steps=KILLED_AT).train()
     on_policy = _trainer(tmp_path / "mixed", model_dirs, tokenizer, examples, objective="vanilla", source="mixed")
-    with pytest.raises(FileNotFoundError, match="sequence_source_rank0.pt is missing.*source='mixed'"):
+    with pytest.raises(ConfigError, match="written by a run with source='gt', this run has source='mixed'"):
         on_policy.train(resume_from_checkpoint=str(tmp_path / "gt" / f"checkpoint-{KILLED_AT}"))
+
+    on_policy.args.max_steps = KILLED_AT
+    on_policy.train()
+    checkpoint = tmp_path / "mixed" / f"checkpoint-{KILLED_AT}"
+    (checkpoint / "sequence_source_rank0.pt").unlink()  # as if written on another number of processes
+    again = _trainer(tmp_path / "mixed", model_dirs, tokenizer, examples, objective="vanilla", source="mixed")
+    with pytest.raises(ConfigError, match="sequence_source_rank0.pt is missing.*source='mixed'"):
+        again.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_llmdistill_train_resumes_from_the_last_checkpoint(tmp_path, model_dirs, examples):

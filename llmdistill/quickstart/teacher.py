@@ -19,6 +19,7 @@ import torch
 
 from ..config import DistillConfig
 from ..data import ExampleFormat, prepare_dataset
+from ..errors import ModelError
 from ..trainer import DistillTrainer
 from .architecture import MAX_POSITIONS, tiny_llama
 from .task import make_training_rows
@@ -46,7 +47,7 @@ RECIPE = TeacherRecipe()
 EMBEDDED_SHA256 = "0ba1c16dce11ea62d9f543b27775d26d886e599403678a542616d7f44f7a186e"
 
 
-class EmbeddedTeacherError(RuntimeError):
+class EmbeddedTeacherError(ModelError):
     """The shipped teacher is missing or is not the one its fingerprint names."""
 
 
