@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from llmdistill import DistillConfig, DistillTrainer
 from llmdistill.cli import main as cli
 from llmdistill.errors import ModelError
+from llmdistill.models import merge_adapter
 
 peft = pytest.importorskip("peft", reason="LoRA needs the peft extra")
 
@@ -73,4 +74,4 @@ def test_activation_checkpointing_trains_the_same_lora_student(tmp_path, model_d
 
 def test_merging_a_folder_without_an_adapter_says_so(tmp_path, model_dirs):
     with pytest.raises(ModelError, match="adapter_config.json"):
-        cli(["merge", str(model_dirs[1]), str(tmp_path / "merged")])
+        merge_adapter(model_dirs[1], tmp_path / "merged")

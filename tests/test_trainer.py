@@ -159,7 +159,7 @@ def test_different_tokenizers_are_refused_for_vanilla_kd(tmp_path, tokenizer, ex
     rows = as_rows(examples)
     with pytest.raises(ValueError, match="cross-tokenizer objective"):
         DistillTrainer(
-            model=tiny_llama(len(tokenizer)), teacher="never-loaded", args=config, train_dataset=rows,
+            model=tiny_llama(len(tokenizer)), teacher=tiny_gpt2(len(other)), args=config, train_dataset=rows,
             processing_class=tokenizer, teacher_processing_class=other,
         )
 
