@@ -111,6 +111,12 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, trust_remote_
     return Path(output_dir)
 
 
+def head_row_count(model: PreTrainedModel) -> int:
+    """Rows of the model's LM head (its vocabulary, padding included), also when ZeRO-3 holds only a shard of it."""
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
     """Inference only: eval mode (no dropout) and no parameter takes gradients."""
     model.eval()

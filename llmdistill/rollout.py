@@ -9,6 +9,7 @@ from the same generator whatever the rule, so rules that agree on who writes giv
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -83,6 +84,7 @@ class Rollout(NamedTuple):
     divergence: torch.Tensor  # [B, T] JSD(p_t, q_t) of the raw next-token distributions (natural log)
     teacher_hidden: torch.Tensor | None  # [B, T, D] the teacher's final hidden states that predict each generated
     # token (kept as the loss target instead of a second teacher pass); None when the student generated alone
+    student_hidden: torch.Tensor  # [B, T, D] the student's, at generation time (its next-token distributions)
 
 
 @torch.no_grad()
@@ -96,12 +98,14 @@ def rollout(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> Rollout:
     """Generate responses to left-padded prompts [B, P] with both models in lock step (same tokenizer).
 
     Heads padded to different row counts (one tokenizer) decode over the ids both have (`on_shared_ids`). With
-    `teacher=None` the student generates alone (rule `student` only): its tokens are the same as with a teacher of the
-    same head size for the same seed, and the rollout has no teacher hidden states and zero divergence.
+    `teacher=None` the student generates alone (rule `student` only), over its first `vocab_size` ids (the rows the
+    teacher that scores the result also has): its tokens are the same as with that teacher in lock step for the same
+    seed, and the rollout has no teacher hidden states and zero divergence.
     """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded (every row's last position a real token): set padding_side='left'.")
@@ -111,9 +115,9 @@ def rollout(
     students = _Decoder(student, input_ids, attention_mask, sampling.max_new_tokens)
     teachers = _Decoder(teacher, input_ids, attention_mask, sampling.max_new_tokens) if teacher is not None else None
     finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    steps, teacher_hidden = [], []
+    steps, teacher_hidden, student_hidden = [], [], []
     for step in range(sampling.max_new_tokens):
-        student_logits = students.logits
+        student_logits = students.logits[:, :vocab_size]
         # without a teacher its logits are the student's: same draws from the generator, zero divergence
         teacher_logits = teachers.logits if teachers is not None else student_logits
         student_logits, teacher_logits = on_shared_ids(student_logits, teacher_logits)
@@ -122,6 +126,7 @@ def rollout(
                                         generator)
         token = torch.where(finished, pad_token_id, token)
         steps.append((token, teacher_writes & ~finished, divergence, ~finished))
+        student_hidden.append(students.hidden)
         if teachers is not None:
             teacher_hidden.append(teachers.hidden)
         finished = finished | (token == eos_token_id)
@@ -136,6 +141,7 @@ def rollout(
     return Rollout(
         torch.cat([input_ids, tokens], dim=1), torch.cat([attention_mask, response_mask], dim=1), response_mask,
         written, divergences * alive, torch.stack(teacher_hidden, dim=1) if teacher_hidden else None,
+        torch.stack(student_hidden, dim=1),
     )
 
 
@@ -143,21 +149,43 @@ def rollout_statistics(produced: Rollout) -> dict[str, float]:
     """What to log about a rollout: the teacher-written fraction overall and per position bucket, and the mean JSD
     per bucket, over generated tokens only (buckets with no token are left out)."""
     mask = produced.response_mask.bool()
-    stats = {"teacher_written_fraction": _mean(produced.teacher_written, mask)}
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[mask]
+    return {
+        "teacher_written_fraction": _mean(produced.teacher_written[mask]),
+        **bucket_means("teacher_written_fraction", produced.teacher_written[mask], positions),
+        **bucket_means("jsd", produced.divergence[mask], positions),
+    }
+
+
+def bucket_means(name: str, values: torch.Tensor, positions: torch.Tensor) -> dict[str, float]:
+    """`{name}_0-15`, `{name}_16-63`, `{name}_64+`: the mean of `values` [N] over the tokens at those response
+    positions [N] (a bucket with no token is left out)."""
+    means = {}
     for start, end in POSITION_BUCKETS:
-        in_bucket = mask.clone()
-        in_bucket[:, :start] = False
-        if end is not None:
-            in_bucket[:, end:] = False
+        in_bucket = (positions >= start) & (positions < end if end is not None else True)
         if in_bucket.any():
-            name = f"{start}-{end - 1}" if end is not None else f"{start}+"
-            stats[f"teacher_written_fraction_{name}"] = _mean(produced.teacher_written, in_bucket)
-            stats[f"jsd_{name}"] = _mean(produced.divergence, in_bucket)
-    return stats
+            means[f"{name}_{start}-{end - 1}" if end is not None else f"{name}_{start}+"] = _mean(values[in_bucket])
+    return means
 
 
-def _mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return values[mask].float().mean().item() if mask.any() else 0.0
+def _mean(values: torch.Tensor) -> float:
+    return values.float().mean().item() if values.numel() else 0.0
+
+
+@torch.no_grad()
+def divergence_statistics(student_hidden: torch.Tensor, student_head, teacher_hidden: torch.Tensor, teacher_head,
+                          positions: torch.Tensor, chunk_size: int = 256) -> dict[str, float]:
+    """The rollout's `jsd_*` buckets from hidden states [N, D] at generated tokens (response `positions` [N]): the
+    student's from generation time, the teacher's from one pass over the finished responses. A teacher in lock step
+    would have seen the same prefixes, so these are the JSDs it would have measured."""
+    divergence = torch.cat([
+        jensen_shannon(*reversed(on_shared_ids(
+            student_head.logits(student_hidden[start:start + chunk_size]),
+            teacher_head.logits(teacher_hidden[start:start + chunk_size]),
+        )))
+        for start in range(0, len(positions), chunk_size)
+    ])
+    return bucket_means("jsd", divergence, positions)
 
 
 def on_shared_ids(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,10 +266,10 @@ class _Decoder:
         self.attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(len(input_ids), new_tokens)], dim=1)
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         self.next_position = positions[:, -1:] + 1
-        self.cache = StaticCache(config=model.config, max_cache_len=self.length + new_tokens)
+        self.cache = {cache_keyword(model): StaticCache(config=model.config, max_cache_len=self.length + new_tokens)}
         self._read(model(
             input_ids=input_ids, attention_mask=self.attention_mask, position_ids=positions,
-            cache_position=torch.arange(self.length, device=input_ids.device), past_key_values=self.cache,
+            cache_position=torch.arange(self.length, device=input_ids.device), **self.cache,
             use_cache=True, output_hidden_states=True, logits_to_keep=1,
         ))
 
@@ -249,7 +277,7 @@ class _Decoder:
         self.attention_mask[:, self.length] = 1
         self._read(self.model(
             input_ids=token[:, None], attention_mask=self.attention_mask, position_ids=self.next_position,
-            cache_position=torch.tensor([self.length], device=token.device), past_key_values=self.cache,
+            cache_position=torch.tensor([self.length], device=token.device), **self.cache,
             use_cache=True, output_hidden_states=True,
         ))
         self.length += 1
@@ -258,3 +286,10 @@ class _Decoder:
     def _read(self, outputs) -> None:
         self.logits = outputs.logits[:, -1].float()
         self.hidden = outputs.hidden_states[-1][:, -1]
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The forward argument that takes the KV cache: `cache` since transformers renamed it (`past_key_values` is
+    removed in 5.40), `past_key_values` in the earlier 5.x releases and in models with their own code."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"

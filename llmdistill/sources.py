@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import IGNORE_INDEX, PAIR_COLUMNS, ExampleFormat, prepare_dataset
+from .models import head_row_count
 from .rollout import Intervention, Sampling, rollout, rollout_statistics
 
 SOURCES = ("gt", "teacher", "student", "mixed", "adaptive", "switch", "skd", "mixture")
@@ -36,6 +37,7 @@ class Produced(NamedTuple):
     rows: list[dict]
     teacher_hidden: torch.Tensor | None  # [N, D] at the rows' supervised positions, in order; None: run the teacher
     statistics: dict[str, float]
+    student_hidden: torch.Tensor | None = None  # [N, D] likewise, from generation; same tokenizer only
 
 
 class ReplayBuffer:
@@ -166,9 +168,10 @@ def produce(student: PreTrainedModel, teacher: PreTrainedModel, batch: dict, gen
             generator: torch.Generator | None) -> Produced:
     """Responses to the batch's prompts under the source's rule, as training rows.
 
-    Same tokenizer: both models decode in lock step and the teacher's hidden states of the rollout are the KD target.
-    Different tokenizers: the writer generates alone, its text is re-tokenised for both models and paired by ETA
-    (the trainer then runs the teacher on its own tokenisation).
+    Same tokenizer: the student writes alone under rule `student` (the trainer then scores the responses with one
+    teacher pass); under the other rules both models decode in lock step and the teacher's hidden states of the
+    rollout are the KD target. Different tokenizers: the writer generates alone, its text is re-tokenised for both
+    models and paired by ETA (the trainer then runs the teacher on its own tokenisation).
     """
     started = time.perf_counter()
     cross = generation.cross_tokenizer
@@ -181,18 +184,23 @@ def produce(student: PreTrainedModel, teacher: PreTrainedModel, batch: dict, gen
         generation.sampling.temperature, generation.sampling.top_p, generation.sampling.top_k,
     )
     writer = teacher if writer_is_teacher else student
+    alone = cross or generation.intervention.rule == "student"
     produced = rollout(
-        writer, None if cross else teacher, ids, mask,
+        writer, None if alone else teacher, ids, mask,
         Intervention("student") if cross else generation.intervention, sampling,
         tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+        vocab_size=None if cross else min(head_row_count(student), head_row_count(teacher)),
     )
-    statistics = rollout_statistics(produced) if not cross else {}
+    statistics = rollout_statistics(produced) if not alone else {}
     generated = int(produced.response_mask.sum())
     statistics["rollout_tokens_per_second"] = generated / max(time.perf_counter() - started, 1e-9)
     if cross:
         return Produced(_retokenised_rows(produced, ids.shape[1], tokenizer, generation), None, statistics)
-    hidden = produced.teacher_hidden[produced.response_mask.bool()]
-    return Produced(rollout_rows(produced.sequences, produced.attention_mask, ids.shape[1]), hidden, statistics)
+    response = produced.response_mask.bool()
+    rows = rollout_rows(produced.sequences, produced.attention_mask, ids.shape[1])
+    if alone:
+        return Produced(rows, None, statistics, produced.student_hidden[response])
+    return Produced(rows, produced.teacher_hidden[response], statistics)
 
 
 def _retokenised_rows(produced, prompt_width: int, writer_tokenizer, generation: Generation) -> list[dict]:

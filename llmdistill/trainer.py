@@ -27,7 +27,7 @@ from .distributed import (
 from .errors import ConfigError, DataError, ModelError, NonFiniteLossError
 from .losses import distill_loss_from_hidden
 from .models import (
-    LMHead, check_model_source, eval_mode, freeze, last_hidden_states, load_model, load_tokenizer,
+    LMHead, check_model_source, eval_mode, freeze, head_row_count, last_hidden_states, load_model, load_tokenizer,
     supervised_hidden_states, with_adapter,
 )
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
@@ -35,7 +35,7 @@ from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_
 from .objectives.dskd import DualSpaceProjectors
 from .evaluation import exact_match, rouge_l
 from .progress import TrainingProgress
-from .rollout import Intervention, Sampling, rollout
+from .rollout import Intervention, Sampling, divergence_statistics, rollout
 from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
 from .teacher_cache import (
     META_FILENAME as CACHE_META_FILENAME, CachedTeacher, TeacherCache, TopKHead, build_teacher_cache, config_fingerprint,
@@ -159,8 +159,8 @@ class DistillTrainer(Trainer):
                 # kept with the trainer for the teacher's life: its hooks gather the teacher's layers
                 self._teacher_engine = zero3_teacher_engine(self.teacher, self.accelerator.state.deepspeed_plugin)
         if args.objective not in CROSS_TOKENIZER:  # raises if unsafe
-            teacher_rows = _head_rows(self.teacher) if self.teacher is not None else self._cached_head.weight.shape[0]
-            shared_vocab_size(tokenizer, teacher_rows, _head_rows(self.model))
+            teacher_rows = head_row_count(self.teacher) if self.teacher is not None else self._cached_head.weight.shape[0]
+            shared_vocab_size(tokenizer, teacher_rows, head_row_count(self.model))
         heads = [self.model.get_output_embeddings().weight]
         if self.teacher is not None:
             heads.append(self.teacher.get_output_embeddings().weight)
@@ -364,18 +364,22 @@ class DistillTrainer(Trainer):
         is averaged per micro-batch and the micro-batches (and ranks) weigh equally.
         """
         alpha, source = self.args.alpha_kd, self.sequence_source
-        if draw == "replay":
-            rows, teacher_hidden = source.replay(len(inputs["input_ids"])), None
-        else:
+        produced = Produced(source.replay(len(inputs["input_ids"])), None, {}) if draw == "replay" else None
+        if produced is None:
             produced = self._produce(model, inputs)
-            rows, teacher_hidden = produced.rows, produced.teacher_hidden
-            source.remember(rows)
-            self._record_values({**produced.statistics, "generated_rows_fraction": len(rows) / len(inputs["input_ids"])})
+            source.remember(produced.rows)
+            self._record_values({**produced.statistics,
+                                 "generated_rows_fraction": len(produced.rows) / len(inputs["input_ids"])})
+        rows, teacher_hidden = produced.rows, produced.teacher_hidden
         if not rows:  # nothing generated can be trained on (e.g. every cross-tokenizer response was empty)
             weights = ((1 - alpha) / gold_denominator, alpha / gold_denominator)
             return self._objective_output(model, inputs, *weights), gold_tokens, gold_tokens
         generated = self._prepare_inputs(self.data_collator(rows))
         kd_tokens = _supervised_count(generated["labels"])
+        if produced.student_hidden is not None:  # the student wrote alone: score its responses in one teacher pass
+            teacher_hidden = self._teacher_signal(generated, generated["labels"][:, 1:] != IGNORE_INDEX)
+            if self._logs_after_this_step():
+                self._record_divergences(produced.student_hidden, teacher_hidden, generated["labels"])
         micro_batches = self.args.gradient_accumulation_steps * (
             self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         )
@@ -386,6 +390,19 @@ class DistillTrainer(Trainer):
             return kd, 0, kd_tokens
         ce = self._objective_output(model, inputs, (1 - alpha) / gold_denominator, 0.0)
         return ObjectiveOutput(ce.loss + kd.loss, ce.ce, kd.kd, kd.metrics), gold_tokens, kd_tokens
+
+    def _logs_after_this_step(self) -> bool:
+        steps = self.state.logging_steps
+        return self.args.logging_strategy == "steps" and bool(steps) and (self.state.global_step + 1) % steps == 0
+
+    def _record_divergences(self, student_hidden, teacher_hidden, labels) -> None:
+        """`jsd_*` by response position for responses the student wrote alone, measured on logging steps only."""
+        supervised = labels[:, 1:] != IGNORE_INDEX
+        positions = (supervised.cumsum(1) - 1)[supervised]
+        student_head = LMHead.of(self.accelerator.unwrap_model(self.model))
+        self._record_values(divergence_statistics(
+            student_hidden.to(teacher_hidden.dtype), student_head, teacher_hidden, self._teacher_head(), positions,
+        ))
 
     def _produce(self, model, inputs) -> Produced:
         with eval_mode(self.accelerator.unwrap_model(model)) as student:
@@ -742,11 +759,6 @@ def _check_same_tokens(objective: str, bridge: VocabBridge, teacher_tokenizer, s
             "different ids). Use a cross-tokenizer objective (dskd_eta, uld, mined, cma, simple_ctkd; see the "
             "README's method table) or give both models the same tokenizer."
         )
-
-
-def _head_rows(model: PreTrainedModel) -> int:
-    weight = model.get_output_embeddings().weight
-    return getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 may hold only a shard; ds_shape is the whole
 
 
 def peak_memory_mb(device: torch.device | str) -> float:

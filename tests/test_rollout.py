@@ -140,7 +140,8 @@ def test_statistics_count_generated_tokens_per_position_bucket():
     response_mask = torch.ones(2, 70, dtype=torch.long)
     response_mask[1, 68:] = 0  # row 1 ended at 68: positions 68, 69 are padding
     divergence = torch.linspace(0, 0.69, 70).expand(2, 70).clone()
-    produced = Rollout(torch.zeros(2, 75), torch.ones(2, 75), response_mask, written, divergence, torch.zeros(2, 70, 4))
+    produced = Rollout(torch.zeros(2, 75), torch.ones(2, 75), response_mask, written, divergence, torch.zeros(2, 70, 4),
+                       torch.zeros(2, 70, 4))
     stats = rollout_statistics(produced)
     assert stats["teacher_written_fraction"] == pytest.approx((16 + 4) / (70 + 68))
     assert stats["teacher_written_fraction_0-15"] == 0.5
@@ -210,3 +211,43 @@ def test_heads_padded_past_the_tokenizer_write_only_ids_both_models_have(prompts
     first_logits = [model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :VOCAB]
                     for model in (teacher, student)]
     torch.testing.assert_close(produced.divergence[:, 0], plain_jensen_shannon(*first_logits), rtol=1e-4, atol=1e-6)
+
+
+def test_the_student_alone_writes_what_it_writes_in_lock_step_over_the_teachers_ids(prompts):
+    """Plain student sources generate without the teacher, over the ids the teacher's head also has: the same tokens
+    as the lock-step rollout for the same seed, with a padded student head as well."""
+    student = padded_past_the_tokenizer(tiny_llama(2 * VOCAB, seed=1))
+    teacher = tiny_qwen2(VOCAB, seed=2).eval()
+    for temperature in (1.0, 0.0):
+        sampling = Sampling(max_new_tokens=12, temperature=temperature)
+        together, alone = (
+            rollout(student, scorer, *prompts, Intervention("student"), sampling, -1, PAD,
+                    torch.Generator().manual_seed(4), vocab_size=VOCAB if scorer is None else None)
+            for scorer in (teacher, None)
+        )
+        assert torch.equal(alone.sequences, together.sequences) and int(alone.sequences.max()) < VOCAB
+        assert alone.teacher_hidden is None
+        torch.testing.assert_close(alone.student_hidden, together.student_hidden)
+
+
+def test_jsd_measured_from_one_teacher_pass_equals_the_lock_step_jsd(models, prompts):
+    """`divergence_statistics` (student hidden states from generation, the teacher's from a pass over the finished
+    responses) gives the buckets the lock-step rollout measured token by token."""
+    from llmdistill.models import LMHead
+    from llmdistill.rollout import divergence_statistics
+
+    student, teacher = models
+    produced = run(models, prompts, max_new_tokens=20, eos=-1)
+    response = produced.response_mask.bool()
+    positions = (produced.attention_mask.cumsum(-1) - 1).clamp_min(0)  # left padding: as the rollout counts them
+    hidden = teacher(input_ids=produced.sequences, attention_mask=produced.attention_mask, position_ids=positions,
+                     output_hidden_states=True).hidden_states[-1]
+    width = prompts[0].shape[1]
+    teacher_hidden = hidden[:, width - 1:-1][response]  # the positions that predict each generated token
+    positions = torch.arange(response.shape[1]).expand_as(response)[response]
+    measured = divergence_statistics(produced.student_hidden[response], LMHead.of(student), teacher_hidden,
+                                     LMHead.of(teacher), positions, chunk_size=7)
+    in_lock_step = {key: value for key, value in rollout_statistics(produced).items() if key.startswith("jsd_")}
+    assert measured.keys() == in_lock_step.keys() == {"jsd_0-15", "jsd_16-63"}
+    for key, value in in_lock_step.items():
+        assert measured[key] == pytest.approx(value, rel=1e-4, abs=1e-6)

@@ -196,6 +196,20 @@ def test_on_policy_training_runs_and_logs_the_rollout(tmp_path, tokenizer, examp
     assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
 
 
+def test_student_sources_log_the_jsd_by_position_on_logging_steps_only(tmp_path, tokenizer, examples):
+    """The student generates alone and the teacher scores the responses in one pass; that pass gives the JSD buckets,
+    measured on the steps that log (here every second one)."""
+    trainer = make_trainer(tmp_path, tokenizer, examples, source="student", max_new_tokens=8, max_steps=4,
+                           logging_steps=2, learning_rate=1e-3)
+    measured = []
+    original = trainer._record_divergences
+    trainer._record_divergences = lambda *args: (measured.append(trainer.state.global_step), original(*args))
+    trainer.train()
+    assert measured == [1, 3]  # during the steps after which the Trainer logs (steps 2 and 4)
+    for logged in trainer.state.log_history[:2]:
+        assert 0 <= logged["jsd_0-15"] <= math.log(2) and "teacher_written_fraction" not in logged
+
+
 @pytest.mark.parametrize("source", ["student", "teacher"])
 def test_cross_tokenizer_on_policy_retokenises_the_writers_text_for_both(tmp_path, real_tokenizers, examples, source):
     """A Llama-tokenizer student (or the GPT-2-tokenizer teacher) generates; each model reads the text in its own
