@@ -10,6 +10,7 @@ memory is O(chunk_size × V) plus one buffer the size of the student head (which
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -370,8 +371,13 @@ def _compiled_terms():
 def _kd_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, divergence, params, rows):
     """Σ rows · D(teacher ‖ student) over the chunk (`rows`: per-position weights or None for 1) and weight × its
     gradient w.r.t. `student_logits` (or None)."""
-    if divergence == "fkl":
+    beta = params.get("beta", 0.5)
+    if divergence == "fkl" or (divergence == "jsd" and beta == 0.0):
         return _forward_kl_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, rows)
+    if divergence == "rkl" or (divergence == "jsd" and beta == 1.0):
+        return _reverse_kl_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, rows)
+    if divergence == "jsd":
+        return _jsd_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad, rows, beta)
     leaf = student_logits.detach().requires_grad_(needs_grad)
     with torch.enable_grad():
         per_position = divergence_from_logprobs(
@@ -400,6 +406,50 @@ def _forward_kl_and_gradient(teacher_logits, student_logits, temperature, weight
         grad = student_logprobs.exp_().sub_(p).mul_(scale)
     per_position = p.mul_(log_ratio).sum(-1)
     return (per_position.sum() if rows is None else (per_position * rows).sum()), grad
+
+
+def _reverse_kl_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad: bool, rows):
+    """Σ rows · KL(q ‖ p) and weight × rows × q ⊙ (log(q/p) − KL(q ‖ p)) / τ, its gradient w.r.t. the student
+    logits, in place as for fkl."""
+    teacher_logprobs = _log_softmax_(teacher_logits, temperature)
+    log_ratio = _log_softmax(student_logits, temperature)  # log q, then log(q/p)
+    q = log_ratio.exp()
+    log_ratio.sub_(teacher_logprobs).masked_fill_(q == 0, 0.0)
+    del teacher_logprobs
+    per_position = (q * log_ratio).sum(-1)
+    grad = _softmax_gradient(q, log_ratio, per_position, weight / temperature, rows) if needs_grad else None
+    return _weighted_sum(per_position, rows), grad
+
+
+def _jsd_and_gradient(teacher_logits, student_logits, temperature, weight, needs_grad: bool, rows, beta: float):
+    """Generalized JSD for 0 < β < 1: Σ rows · (β·KL(p ‖ m) + (1−β)·KL(q ‖ m)), m = β·p + (1−β)·q, and its
+    gradient w.r.t. the student logits, weight × rows × (1−β)/τ · q ⊙ (log(q/m) − KL(q ‖ m)) (the m-terms of
+    ∂/∂q cancel: ∂JSD/∂q_i = (1−β)·log(q_i/m_i)). Half the [chunk, V] buffers and passes of autograd."""
+    log_p = _log_softmax_(teacher_logits, temperature)
+    log_q = _log_softmax(student_logits, temperature)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
+    p, q = log_p.exp(), log_q.exp()
+    p_terms = log_p.sub_(log_m).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)  # KL(p ‖ m) per position
+    del p
+    log_q_over_m = log_q.sub_(log_m).masked_fill_(q == 0, 0.0)
+    del log_m
+    q_terms = (q * log_q_over_m).sum(-1)  # KL(q ‖ m)
+    per_position = beta * p_terms + (1.0 - beta) * q_terms
+    grad = None
+    if needs_grad:
+        grad = _softmax_gradient(q, log_q_over_m, q_terms, (1.0 - beta) * weight / temperature, rows)
+    return _weighted_sum(per_position, rows), grad
+
+
+def _softmax_gradient(q, log_ratio, expected, scale, rows):
+    """scale × rows × q ⊙ (log_ratio − expected): the gradient w.r.t. the logits z of Σ q·log_ratio whose
+    ∂/∂q is log_ratio (+ a constant), through q = softmax(z/τ) (τ inside `scale`); written into `log_ratio`."""
+    scale = scale if rows is None else scale * rows.unsqueeze(1)
+    return log_ratio.sub_(expected.unsqueeze(1)).mul_(q).mul_(scale)
+
+
+def _weighted_sum(per_position, rows):
+    return per_position.sum() if rows is None else (per_position * rows).sum()
 
 
 def _cross_entropy_and_gradient(logits, labels, weight: float, needs_grad: bool):

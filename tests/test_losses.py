@@ -66,7 +66,20 @@ def test_loss_and_gradients_equal_the_full_logit_reference(name, temperature, ch
     assert_same_gradients(ours, reference, (student_hidden, student_weight))
 
 
-@pytest.mark.parametrize("name", ["fkl", "jsd"])  # the closed-form gradient and the autograd one
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])  # the closed forms: fkl at 0, rkl at 1, JSD between
+def test_generalized_jsd_closed_form_equals_the_full_logit_reference_for_every_beta(beta):
+    student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs()
+    ours, _ = kd_loss_from_hidden(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, "jsd", 1.5, 7, beta=beta
+    )
+    reference = full_logit_kd(
+        student_hidden, LMHead(student_weight), teacher_hidden, LMHead(teacher_weight), "jsd", 1.5, beta=beta
+    )
+    assert_relatively_close(ours, reference)
+    assert_same_gradients(ours, reference, (student_hidden, student_weight))
+
+
+@pytest.mark.parametrize("name", ["fkl", "skl"])  # a closed-form gradient and the autograd one
 @pytest.mark.parametrize("extra_teacher_rows, extra_student_rows", [(9, 0), (0, 9)])
 def test_padded_vocabulary_kd_alone_compares_the_shared_ids(name, extra_teacher_rows, extra_student_rows):
     student_hidden, student_weight, teacher_hidden, teacher_weight = make_inputs(

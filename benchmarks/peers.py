@@ -1,0 +1,212 @@
+"""llmdistill beside TRL on the same models, data and settings: time per optimizer step and peak memory.
+
+    pip install -e ".[bench]"            # adds trl
+    python benchmarks/peers.py           # on-policy and off-policy, 3 interleaved repeats, writes results/peers.md
+
+On-policy: TRL's `DistillationTrainer` (student samples, then generalized JSD against the teacher on them; HF
+`generate`, no vLLM) against `DistillTrainer` with `source: student`, `divergence: jsd`, `alpha_kd: 1` (the same loss
+on the same kind of sequences). Off-policy: TRL's `GKDTrainer` with `lmbda: 0` (dataset responses only) against
+`source: gt`, `divergence: jsd`, `alpha_kd: 1`. Both sides: a tiny Qwen2 teacher (2 × 128) and student (2 × 64) over
+Qwen3's real tokenizer (151,669 ids), fp32, batch 4, Dolly prompts, 64 new tokens (on-policy), one thread.
+
+Each measurement runs in a fresh process (`--run NAME`), so its peak resident memory is its own; the steps after the
+first are timed (the first compiles kernels and warms caches), and the median of the repeats is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).parent / "results" / "peers.md"
+RUNS = ("trl_on_policy", "ours_on_policy", "trl_off_policy", "ours_off_policy")
+BATCH, NEW_TOKENS, MAX_PROMPT_TOKENS, STEPS = 4, 64, 192, 6
+
+
+class StepClock(TrainerCallback):
+    """Wall time of every optimizer step."""
+
+    def __init__(self):
+        self.started, self.seconds = None, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.started)
+
+
+def build_models_and_data(folder: Path) -> None:
+    """Teacher and student folders (Qwen3's tokenizer beside each) and the Dolly rows, written once per benchmark."""
+    source = SHARED_DATA / "tokenizers" / "qwen3"
+    unpacked = folder / "tokenizer"
+    unpacked.mkdir(parents=True)
+    with gzip.open(source / "tokenizer.json.gz") as packed, open(unpacked / "tokenizer.json", "wb") as plain:
+        shutil.copyfileobj(packed, plain)
+    shutil.copy(source / "tokenizer_config.json", unpacked)
+    tokenizer = AutoTokenizer.from_pretrained(unpacked)
+    for name, width, seed in (("teacher", 128, 1), ("student", 64, 2)):
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        Qwen2ForCausalLM(config).save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    rows = [json.loads(line) for line in (SHARED_DATA / "datasets/minillm-kd-eval/dolly/dev.jsonl").open()]
+    short = [r for r in rows if len(tokenizer(r["prompt"])["input_ids"]) <= MAX_PROMPT_TOKENS][: BATCH * STEPS * 2]
+    with open(folder / "rows.jsonl", "w") as file:
+        for row in short:
+            messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["output"]}]
+            file.write(json.dumps({"prompt": row["prompt"], "output": row["output"], "messages": messages}) + "\n")
+
+
+def common_options(output_dir: Path) -> dict:
+    return dict(
+        output_dir=str(output_dir), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+        max_steps=STEPS, learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=STEPS, report_to=[],
+        save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def trainer_for(name: str, folder: Path, output_dir: Path):
+    import datasets
+
+    rows = datasets.load_dataset("json", data_files=str(folder / "rows.jsonl"), split="train")
+    teacher, student = str(folder / "teacher"), str(folder / "student")
+    if name.startswith("ours"):
+        from llmdistill import DistillConfig, DistillTrainer
+
+        on_policy = name == "ours_on_policy"
+        config = DistillConfig(
+            **common_options(output_dir), objective="vanilla", divergence="jsd", jsd_beta=0.5, alpha_kd=1.0,
+            source="student" if on_policy else "gt", max_new_tokens=NEW_TOKENS, generation_temperature=1.0,
+            max_prompt_length=MAX_PROMPT_TOKENS + 16, max_length=MAX_PROMPT_TOKENS + 16 + NEW_TOKENS,
+        )
+        columns = ["prompt", "output"] if on_policy else ["messages"]
+        return DistillTrainer(student=student, teacher=teacher, args=config,
+                              train_dataset=rows.select_columns(columns))
+    if name == "trl_on_policy":
+        from trl import DistillationConfig, DistillationTrainer
+
+        config = DistillationConfig(
+            **common_options(output_dir), beta=0.5, temperature=1.0, max_completion_length=NEW_TOKENS, bf16=False,
+            gradient_checkpointing=False,
+        )
+        return DistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                   train_dataset=rows.select_columns(["prompt"]))
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    config = GKDConfig(
+        **common_options(output_dir), lmbda=0.0, beta=0.5, temperature=1.0, max_new_tokens=NEW_TOKENS, bf16=False,
+        gradient_checkpointing=False, max_length=MAX_PROMPT_TOKENS + 16 + NEW_TOKENS,
+    )
+    return GKDTrainer(model=student, teacher_model=teacher, args=config,
+                      train_dataset=rows.select_columns(["messages"]),
+                      processing_class=AutoTokenizer.from_pretrained(student))
+
+
+def measure(name: str, folder: Path) -> dict:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = trainer_for(name, folder, Path(output_dir))
+        loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        clock = StepClock()
+        trainer.add_callback(clock)
+        trainer.train()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"run": name, "seconds_per_step": statistics.median(clock.seconds[1:]), "peak_mb": peak_mb,
+            "extra_peak_mb": peak_mb - loaded_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", choices=RUNS, help="measure one run in this process (used by the benchmark itself)")
+    parser.add_argument("--folder", type=Path, help="with --run: the models and data")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(measure(args.run, args.folder)))
+        return
+    results: dict[str, list[dict]] = {name: [] for name in args.runs}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        build_models_and_data(folder)
+        environment = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        for repeat in range(args.repeats):
+            for name in args.runs:  # interleaved, so drift in the machine's speed touches every run alike
+                finished = subprocess.run(
+                    [sys.executable, __file__, "--run", name, "--folder", str(folder)], capture_output=True, text=True,
+                    env=environment, check=False,
+                )
+                if finished.returncode != 0:
+                    sys.exit(f"{name} failed:\n{finished.stderr[-3000:]}")
+                results[name].append(json.loads(finished.stdout.strip().splitlines()[-1]))
+                print(repeat, results[name][-1], flush=True)
+    write(summarise(results), args)
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    return {
+        name: {key: statistics.median(run[key] for run in runs) for key in ("seconds_per_step", "peak_mb",
+                                                                             "extra_peak_mb")}
+        for name, runs in results.items()
+    }
+
+
+def write(summary: dict[str, dict], args) -> None:
+    import trl
+
+    import llmdistill
+
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, one thread per run, torch {torch.__version__}"
+    lines = [
+        "# llmdistill beside TRL: time per step and peak memory",
+        "",
+        f"`python benchmarks/peers.py --repeats {args.repeats}` on {machine}; TRL {trl.__version__}, llmdistill "
+        f"{llmdistill.__version__}. Tiny Qwen2 teacher (2 × 128) and student (2 × 64) over Qwen3's tokenizer "
+        f"(151,669 ids), fp32, batch {BATCH}, Dolly prompts; on-policy: {NEW_TOKENS} sampled tokens per prompt at "
+        "temperature 1, generalized JSD (β = 0.5) on them; off-policy: the dataset's responses, the same loss. "
+        f"Median over {args.repeats} interleaved repeats of the median step after the first; each run is its own "
+        "process (peak = its peak resident memory; extra = peak − after loading the models and data).",
+        "",
+        "| setting | TRL s/step | llmdistill s/step | time ratio | TRL peak MB | llmdistill peak MB | memory ratio | "
+        "TRL extra MB | llmdistill extra MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, (theirs, ours) in {
+        "on-policy (TRL DistillationTrainer vs `source: student`)": ("trl_on_policy", "ours_on_policy"),
+        "off-policy (TRL GKDTrainer, λ = 0, vs `source: gt`)": ("trl_off_policy", "ours_off_policy"),
+    }.items():
+        if theirs not in summary or ours not in summary:
+            continue
+        t, o = summary[theirs], summary[ours]
+        lines.append(
+            f"| {setting} | {t['seconds_per_step']:.3f} | {o['seconds_per_step']:.3f} | "
+            f"**{o['seconds_per_step'] / t['seconds_per_step']:.2f}** | {t['peak_mb']:.0f} | {o['peak_mb']:.0f} | "
+            f"**{o['peak_mb'] / t['peak_mb']:.2f}** | {t['extra_peak_mb']:.0f} | {o['extra_peak_mb']:.0f} |"
+        )
+    args.output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
