@@ -36,6 +36,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).parent / "results" / "peers.md"
 RUNS = ("trl_on_policy", "ours_on_policy", "trl_off_policy", "ours_off_policy")
 BATCH, NEW_TOKENS, MAX_PROMPT_TOKENS, STEPS = 4, 64, 192, 6
+OFF_POLICY_MAX_LENGTH = 1024  # prompt + the dataset's whole response, on both sides
 
 
 class StepClock(TrainerCallback):
@@ -97,7 +98,8 @@ def trainer_for(name: str, folder: Path, output_dir: Path):
         config = DistillConfig(
             **common_options(output_dir), objective="vanilla", divergence="jsd", jsd_beta=0.5, alpha_kd=1.0,
             source="student" if on_policy else "gt", max_new_tokens=NEW_TOKENS, generation_temperature=1.0,
-            max_prompt_length=MAX_PROMPT_TOKENS + 16, max_length=MAX_PROMPT_TOKENS + 16 + NEW_TOKENS,
+            max_prompt_length=MAX_PROMPT_TOKENS + 16,
+            max_length=MAX_PROMPT_TOKENS + 16 + NEW_TOKENS if on_policy else OFF_POLICY_MAX_LENGTH,
         )
         columns = ["prompt", "output"] if on_policy else ["messages"]
         return DistillTrainer(student=student, teacher=teacher, args=config,
@@ -115,7 +117,7 @@ def trainer_for(name: str, folder: Path, output_dir: Path):
 
     config = GKDConfig(
         **common_options(output_dir), lmbda=0.0, beta=0.5, temperature=1.0, max_new_tokens=NEW_TOKENS, bf16=False,
-        gradient_checkpointing=False, max_length=MAX_PROMPT_TOKENS + 16 + NEW_TOKENS,
+        gradient_checkpointing=False, max_length=OFF_POLICY_MAX_LENGTH,
     )
     return GKDTrainer(model=student, teacher_model=teacher, args=config,
                       train_dataset=rows.select_columns(["messages"]),

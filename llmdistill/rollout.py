@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, StaticCache
 
 from .distributed import all_ranks, is_sharded
 from .divergences import divergence_per_position
+from .losses import default_chunk_size
 
 RULES = ("student", "teacher", "switch", "skd", "mixture")
 SCHEDULES = ("exp", "linear", "constant")
@@ -174,10 +175,12 @@ def _mean(values: torch.Tensor) -> float:
 
 @torch.no_grad()
 def divergence_statistics(student_hidden: torch.Tensor, student_head, teacher_hidden: torch.Tensor, teacher_head,
-                          positions: torch.Tensor, chunk_size: int = 256) -> dict[str, float]:
+                          positions: torch.Tensor, chunk_size: int | None = None) -> dict[str, float]:
     """The rollout's `jsd_*` buckets from hidden states [N, D] at generated tokens (response `positions` [N]): the
     student's from generation time, the teacher's from one pass over the finished responses. A teacher in lock step
-    would have seen the same prefixes, so these are the JSDs it would have measured."""
+    would have seen the same prefixes, so these are the JSDs it would have measured. Chunked over positions like the
+    loss (`default_chunk_size` by default), so it never holds more [chunk, V] buffers than the loss does."""
+    chunk_size = chunk_size or default_chunk_size(student_head.weight.shape[0])
     divergence = torch.cat([
         jensen_shannon(*reversed(on_shared_ids(
             student_head.logits(student_hidden[start:start + chunk_size]),

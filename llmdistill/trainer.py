@@ -402,6 +402,7 @@ class DistillTrainer(Trainer):
         student_head = LMHead.of(self.accelerator.unwrap_model(self.model))
         self._record_values(divergence_statistics(
             student_hidden.to(teacher_hidden.dtype), student_head, teacher_hidden, self._teacher_head(), positions,
+            self.args.loss_chunk_size,
         ))
 
     def _produce(self, model, inputs) -> Produced:

@@ -261,14 +261,14 @@ def test_no_tensor_larger_than_one_chunk_of_logits_or_the_head_is_built():
     assert recorder.largest < n * vocab / 4
 
 
-def test_default_chunk_size_keeps_a_chunk_of_logits_within_256_mib_and_512_positions():
-    assert default_chunk_size(151936) == 432
+def test_default_chunk_size_keeps_a_chunk_of_logits_within_64_mib_and_512_positions():
+    assert default_chunk_size(151936) == 96
     assert default_chunk_size(32000) == 512
     assert default_chunk_size(512) == 512
     assert default_chunk_size(10**9) == 16
     for vocab in (512, 32000, 151936, 262144):
         size = default_chunk_size(vocab)
-        assert size % 16 == 0 and size * vocab <= 2**26
+        assert size % 16 == 0 and size * vocab <= 2**24
 
 
 def test_a_failing_compiler_names_the_switch_that_runs_the_loss_eagerly(monkeypatch):
