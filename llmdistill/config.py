@@ -14,6 +14,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .divergences import DIVERGENCE_ALIASES, DIVERGENCES
 from .errors import ConfigError, unknown_choice
 from .objectives import CROSS_TOKENIZER, OBJECTIVES
+from .objectives.opd import ESTIMATORS
 from .rollout import SCHEDULES, Intervention, Sampling
 from .sources import LOCK_STEP, RULE, SOURCES
 from .teacher_cache import CACHE_KINDS, TOPK_DIVERGENCES
@@ -103,6 +104,13 @@ class DistillConfig(TrainingArguments):
     akl_mu: float = field(default=0.5, metadata={"help": "akl head/tail split of the teacher's probability mass."})
     alpha_kd: float = field(default=0.5, metadata={"help": "Weight of KD in (1 - alpha_kd) * CE + alpha_kd * KD."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature for both models in KD."})
+    opd_estimator: str = field(
+        default="k1",
+        metadata={
+            "help": "objective=opd (sampled-token on-policy distillation): k1 (policy gradient with advantage "
+            "log p_T − log q_S per sampled token) or k3 (the k3 KL estimator differentiated as a loss)."
+        },
+    )
     scale_kd_by_temperature_squared: bool = field(
         default=False, metadata={"help": "Multiply the KD term by temperature² (Hinton); off as in the DSKD scripts."}
     )
@@ -220,6 +228,7 @@ class DistillConfig(TrainingArguments):
         self._require("skew_alpha", 0.0 <= self.skew_alpha <= 1.0, "must lie in [0, 1]")
         self._require("akl_mu", 0.0 < self.akl_mu < 1.0, "must lie in (0, 1)")
         self._require("temperature", self.temperature > 0, "must be > 0")
+        _require_choice("opd_estimator", self.opd_estimator, ESTIMATORS)
         _require_choice("dskd_s2t", self.dskd_s2t, ("closed_form", "learned"))
         _require_choice("dskd_spaces", self.dskd_spaces, ("both", "student", "teacher"))
         self._require("projector_learning_rate", self.projector_learning_rate > 0, "must be > 0")
@@ -268,6 +277,11 @@ class DistillConfig(TrainingArguments):
             raise ConfigError(
                 f"source={self.source!r} trains KD on generated responses, which needs a teacher: choose an "
                 "objective other than 'sft' and alpha_kd > 0, or source='gt'."
+            )
+        if self.objective == "opd" and self.source in ("gt", "teacher"):
+            raise ConfigError(
+                f"objective='opd' is a policy gradient on the tokens the student sampled, so it needs a source in "
+                f"which the student writes (student, mixed, adaptive, switch, skd, mixture), not source={self.source!r}."
             )
         if self.source in LOCK_STEP and self.objective in CROSS_TOKENIZER:
             raise ConfigError(

@@ -229,3 +229,9 @@ def test_a_run_shows_progress_lines_not_raw_log_dicts(train_args, capsys):
     assert [line.split()[1] for line in lines[:2]] == ["1/2", "2/2"]
     logged = dict(item.split("=", 1) for item in lines[0].split()[2:])
     assert {"loss", "ce", "kd", "learning_rate"} <= logged.keys() and float(logged["loss"]) > 0
+
+
+def test_sampled_token_opd_without_student_samples_says_which_sources_work(train_args, capsys):
+    message = fails(*train_args, "--objective", "opd", capsys=capsys)
+    assert message.startswith("objective='opd' is a policy gradient on the tokens the student sampled")
+    assert message.endswith("not source='gt'.")

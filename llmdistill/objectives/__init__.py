@@ -12,6 +12,7 @@ from .cma import CrossModelAttentionKD
 from .dskd import DualSpaceKD
 from .dskd_eta import DualSpaceKDWithETA
 from .mined import MinEditDistanceKD
+from .opd import SampledTokenOPD
 from .output import ObjectiveOutput
 from .simple_ctkd import SharedVocabularyKD
 from .uld import UniversalLogitKD
@@ -26,6 +27,7 @@ OBJECTIVES = {
     "mined": MinEditDistanceKD,
     "simple_ctkd": SharedVocabularyKD,
     "cma": CrossModelAttentionKD,
+    "opd": SampledTokenOPD,
 }
 CROSS_TOKENIZER = {"dskd_eta", "cma", "uld", "mined", "simple_ctkd"}
 NEEDS_MINED_PAIRS = {"mined"}
