@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import IGNORE_INDEX, PAIR_COLUMNS, ExampleFormat, prepare_dataset
 from .models import head_row_count
-from .rollout import Intervention, Sampling, rollout, rollout_statistics
+from .rollout import Intervention, Rollout, Sampling, rollout, rollout_statistics
 
 SOURCES = ("gt", "teacher", "student", "mixed", "adaptive", "switch", "skd", "mixture")
 RULE = {
@@ -164,9 +164,11 @@ class Generation:
 
 
 @torch.no_grad()
-def produce(student: PreTrainedModel, teacher: PreTrainedModel, batch: dict, generation: Generation,
-            generator: torch.Generator | None) -> Produced:
-    """Responses to the batch's prompts under the source's rule, as training rows.
+def produce(student: PreTrainedModel, teacher: PreTrainedModel, batches: list[dict], generation: Generation,
+            generator: torch.Generator | None) -> list[Produced]:
+    """Responses to the prompts of `batches` (the micro-batches of one optimizer step) under the source's rule, as
+    training rows, one `Produced` per batch: every prompt of the step goes into one rollout, a larger and faster
+    generation batch than a micro-batch, and each batch gets back its own rows.
 
     Same tokenizer: the student writes alone under rule `student` (the trainer then scores the responses with one
     teacher pass); under the other rules both models decode in lock step and the teacher's hidden states of the
@@ -178,7 +180,7 @@ def produce(student: PreTrainedModel, teacher: PreTrainedModel, batch: dict, gen
     writer_is_teacher = cross and generation.intervention.rule == "teacher"
     side = "teacher_" if writer_is_teacher else ""
     tokenizer = generation.teacher_tokenizer if writer_is_teacher else generation.tokenizer
-    ids, mask = left_padded_prompts(batch[f"{side}input_ids"], batch[f"{side}labels"], tokenizer.pad_token_id)
+    ids, mask = _stacked_prompts(batches, side, tokenizer.pad_token_id)
     sampling = Sampling(
         min(generation.sampling.max_new_tokens, generation.max_length - ids.shape[1]),
         generation.sampling.temperature, generation.sampling.top_p, generation.sampling.top_k,
@@ -192,12 +194,37 @@ def produce(student: PreTrainedModel, teacher: PreTrainedModel, batch: dict, gen
         vocab_size=None if cross else min(head_row_count(student), head_row_count(teacher)),
     )
     statistics = rollout_statistics(produced) if not alone else {}
-    generated = int(produced.response_mask.sum())
-    statistics["rollout_tokens_per_second"] = generated / max(time.perf_counter() - started, 1e-9)
-    if cross:
-        return Produced(_retokenised_rows(produced, ids.shape[1], tokenizer, generation), None, statistics)
+    statistics["rollout_tokens_per_second"] = int(produced.response_mask.sum()) / max(
+        time.perf_counter() - started, 1e-9
+    )
+    starts = torch.tensor([0] + [len(batch["input_ids"]) for batch in batches]).cumsum(0).tolist()
+    return [
+        _produced_rows(_rows_of(produced, slice(begin, end)), ids.shape[1], tokenizer, generation, alone, statistics)
+        for begin, end in zip(starts, starts[1:])
+    ]
+
+
+def _stacked_prompts(batches: list[dict], side: str, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every batch's prompts (`left_padded_prompts`), left-padded to one width and stacked: (ids, mask)."""
+    prompts = [left_padded_prompts(batch[f"{side}input_ids"], batch[f"{side}labels"], pad_token_id) for batch in batches]
+    width = max(ids.shape[1] for ids, _ in prompts)
+    return tuple(
+        torch.cat([torch.nn.functional.pad(pair[which], (width - pair[which].shape[1], 0), value=fill)
+                   for pair in prompts])
+        for which, fill in ((0, pad_token_id), (1, 0))
+    )
+
+
+def _rows_of(produced: Rollout, rows: slice) -> Rollout:
+    return Rollout(*(None if field is None else field[rows] for field in produced))
+
+
+def _produced_rows(produced: Rollout, prompt_width: int, tokenizer, generation: Generation, alone: bool,
+                   statistics: dict) -> Produced:
+    if generation.cross_tokenizer:
+        return Produced(_retokenised_rows(produced, prompt_width, tokenizer, generation), None, statistics)
     response = produced.response_mask.bool()
-    rows = rollout_rows(produced.sequences, produced.attention_mask, ids.shape[1])
+    rows = rollout_rows(produced.sequences, produced.attention_mask, prompt_width)
     if alone:
         return Produced(rows, None, statistics, produced.student_hidden[response])
     return Produced(rows, produced.teacher_hidden[response], statistics)

@@ -233,6 +233,7 @@ class DistillTrainer(Trainer):
         """The source of the KD sequences; on-policy ones get a sampling generator seeded per rank."""
         args = self.args
         self.sequence_source = self.generation = self.rollout_generator = None
+        self._step_batches, self._step_plan = None, []
         if args.source == "gt":
             return
         if args.source == "adaptive" and (self.eval_dataset is None or args.eval_strategy == "no"):
@@ -274,7 +275,7 @@ class DistillTrainer(Trainer):
             keep_whole_under_zero3(student, read_outside_forward)
         gold_tokens = _supervised_count(inputs["labels"])
         denominator = num_items_in_batch if num_items_in_batch is not None else gold_tokens
-        draw = self._draw() if model.training else "gt"
+        draw, produced = self._next_draw(model, inputs) if model.training else ("gt", None)
         if self.sequence_source is not None and model.training:
             self._record_values({"generated_batches_fraction": float(draw != "gt")})
             if self.sequence_source.name == "adaptive":
@@ -284,7 +285,7 @@ class DistillTrainer(Trainer):
             output = self._objective_output(model, inputs, (1 - alpha) / denominator, alpha / denominator)
             ce_tokens = kd_tokens = gold_tokens
         else:
-            output, ce_tokens, kd_tokens = self._on_generated(model, inputs, draw, gold_tokens, denominator)
+            output, ce_tokens, kd_tokens = self._on_generated(model, inputs, produced, gold_tokens, denominator)
         loss = output.loss
         if not torch.isfinite(loss):
             self._raise_non_finite(inputs, output)
@@ -351,22 +352,42 @@ class DistillTrainer(Trainer):
             return self.teacher_cache.signal(inputs[CACHE_INDEX_COLUMN])
         return supervised_hidden_states(self.teacher, inputs["input_ids"], inputs["attention_mask"], supervised)
 
-    def _draw(self) -> str:
-        if self.sequence_source is None:
-            return "gt"
-        return self.sequence_source.draw(self.state.global_step, self.state.max_steps)
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The Trainer's micro-batches of one optimizer step; a generating source keeps them, so that the step's
+        first `compute_loss` generates for all of them in one rollout (`_next_draw`)."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sequence_source is not None:
+            self._step_batches, self._step_plan = list(batches), []
+        return batches, num_items_in_batch
 
-    def _on_generated(self, model, inputs, draw: str, gold_tokens: int, gold_denominator
+    def _next_draw(self, model, inputs) -> tuple[str, Produced | None]:
+        """This micro-batch's draw ("gt", "generate" or "replay") and, for "generate", its generated rows.
+
+        The draws of all micro-batches of a step are made, and their prompts generated for in one rollout, at the
+        step's first micro-batch: after `get_batch_samples`, and after a resumed run restored the source's state.
+        Outside the Trainer's loop (no batches kept) each call draws and generates for `inputs` alone."""
+        if self.sequence_source is None:
+            return "gt", None
+        if not self._step_plan:
+            batches, self._step_batches = self._step_batches or [inputs], None
+            draws = [self.sequence_source.draw(self.state.global_step, self.state.max_steps) for _ in batches]
+            generating = [index for index, draw in enumerate(draws) if draw == "generate"]
+            produced = dict(zip(generating, self._produce(model, [batches[index] for index in generating])))
+            self._step_plan = [(draw, produced.get(index)) for index, draw in enumerate(draws)]
+        return self._step_plan.pop(0)
+
+    def _on_generated(self, model, inputs, produced: Produced | None, gold_tokens: int, gold_denominator
                       ) -> tuple[ObjectiveOutput, int, int]:
-        """CE on the gold batch, KD on generated (or replayed) responses to its prompts (METHODS §4).
+        """CE on the gold batch, KD on generated responses to its prompts (`produced`) or, with None, on a batch
+        replayed from the buffer (METHODS §4).
 
         The generated token count of a whole optimizer step is unknown until every micro-batch has generated, so KD
         is averaged per micro-batch and the micro-batches (and ranks) weigh equally.
         """
         alpha, source = self.args.alpha_kd, self.sequence_source
-        produced = Produced(source.replay(len(inputs["input_ids"])), None, {}) if draw == "replay" else None
         if produced is None:
-            produced = self._produce(model, inputs)
+            produced = Produced(source.replay(len(inputs["input_ids"])), None, {})
+        else:
             source.remember(produced.rows)
             self._record_values({**produced.statistics,
                                  "generated_rows_fraction": len(produced.rows) / len(inputs["input_ids"])})
@@ -405,9 +426,12 @@ class DistillTrainer(Trainer):
             self.args.loss_chunk_size,
         ))
 
-    def _produce(self, model, inputs) -> Produced:
+    def _produce(self, model, batches: list[dict]) -> list[Produced]:
+        if not batches:
+            return []
+        batches = [self._prepare_inputs(batch) for batch in batches]
         with eval_mode(self.accelerator.unwrap_model(model)) as student:
-            return produce(student, self.teacher, inputs, self.generation, self.rollout_generator)
+            return produce(student, self.teacher, batches, self.generation, self.rollout_generator)
 
     def _cross_tokenizer_batch(self, student_hidden, student_head, inputs) -> CrossTokenizerBatch:
         """Both models' supervised positions (the teacher reads its own tokenisation) and the pairs between them."""

@@ -196,6 +196,28 @@ def test_on_policy_training_runs_and_logs_the_rollout(tmp_path, tokenizer, examp
     assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
 
 
+def test_one_rollout_generates_for_every_micro_batch_of_a_step(tmp_path, tokenizer, examples):
+    """With gradient accumulation the step's micro-batches are generated for together (one rollout of 2 × the
+    micro-batch's prompts), and each micro-batch trains on its own prompts' responses."""
+    trainer = make_trainer(tmp_path, tokenizer, examples, source="student", max_new_tokens=6, max_steps=2,
+                           gradient_accumulation_steps=2, learning_rate=1e-3)
+    rollouts, original = [], trainer._produce
+
+    def produce(model, batches):
+        produced = original(model, batches)
+        rollouts.append([(len(batch["input_ids"]), len(rows.rows)) for batch, rows in zip(batches, produced)])
+        for batch, rows in zip(batches, produced):  # every row continues its own micro-batch's prompt
+            for gold, row in zip(batch["input_ids"].tolist(), rows.rows):
+                start = row["labels"].count(-100)
+                assert gold[:start] == row["input_ids"][:start]
+        return produced
+
+    trainer._produce = produce
+    trainer.train()
+    size = trainer.args.per_device_train_batch_size
+    assert rollouts == [[(size, size), (size, size)]] * 2
+
+
 def test_student_sources_log_the_jsd_by_position_on_logging_steps_only(tmp_path, tokenizer, examples):
     """The student generates alone and the teacher scores the responses in one pass; that pass gives the JSD buckets,
     measured on the steps that log (here every second one)."""
@@ -260,7 +282,7 @@ def test_cross_tokenizer_rows_of_cut_responses_carry_no_eos_and_pairs_stay_insid
     batch = DistillCollator(student_tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)(
         gold.to_list())
     student = tiny_llama(len(student_tokenizer), seed=1).eval()
-    produced = produce(student, None, batch, Generation(config, student_tokenizer, teacher_tokenizer, True), None)
+    (produced,) = produce(student, None, [batch], Generation(config, student_tokenizer, teacher_tokenizer, True), None)
     assert produced.rows and produced.teacher_hidden is None
     for row in produced.rows:  # 5 greedy tokens from a random model: cut, never finished
         assert row["labels"][-1] != student_tokenizer.eos_token_id
