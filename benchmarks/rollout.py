@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--draft-tokens", type=int, default=8, help="speculative SWITCH: most tokens per draft")
+    parser.add_argument("--tau0", type=float, default=0.3, help="SWITCH threshold τ0 (λ = 0.1, exp)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     vocab = 32_000
@@ -76,13 +78,16 @@ def main() -> None:
     ids = torch.randint(3, vocab, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     sampling = Sampling(max_new_tokens=args.new_tokens, temperature=1.0)
-    switch = Intervention(rule="switch", switch_tau0=0.3, switch_decay=0.1)
+    switch = Intervention(rule="switch", switch_tau0=args.tau0, switch_decay=0.1)
 
-    def engine(rule: Intervention):
-        return lambda: rollout(student, teacher, ids, mask, rule, sampling, NO_EOS, 0, torch.Generator().manual_seed(1))
+    def engine(rule: Intervention, draft_tokens: int = 0):
+        return lambda: rollout(student, teacher, ids, mask, rule, sampling, NO_EOS, 0, torch.Generator().manual_seed(1),
+                               draft_tokens=draft_tokens)
 
     seconds = {}
     seconds["engine_switch"], produced = timed(engine(switch), args.repeats)
+    seconds["speculative_switch"], speculative = timed(engine(switch, args.draft_tokens), args.repeats)
+    assert torch.equal(produced.sequences, speculative.sequences), "speculative decoding changed the tokens"
     seconds["naive_switch"], naive = timed(
         lambda: naive_switch(student, teacher, ids, mask, switch, sampling, torch.Generator().manual_seed(1)), 1
     )
@@ -105,6 +110,8 @@ def main() -> None:
         "speedup_vs_naive": seconds["naive_switch"] / seconds["engine_switch"],
         "switch_vs_student_plus_teacher_pass": seconds["engine_switch"]
         / (seconds["student_generate"] + seconds["teacher_pass"]),
+        "speculative_vs_student_plus_teacher_pass": seconds["speculative_switch"]
+        / (seconds["student_generate"] + seconds["teacher_pass"]),
         "teacher_written_fraction": produced.teacher_written.float().mean().item(),
         "kd_target_mib": produced.teacher_hidden.numel() * produced.teacher_hidden.element_size() / 2**20,
         "logits_mib": produced.response_mask.numel() * vocab * 4 / 2**20,
@@ -122,9 +129,9 @@ def write(rows: dict, args) -> None:
         "# SWITCH rollout: KV-cached engine vs recomputation",
         "",
         f"`python benchmarks/rollout.py --batch {args.batch} --prompt-tokens {args.prompt_tokens} --new-tokens "
-        f"{args.new_tokens}` on {machine}. Student: Llama 4 × 256, teacher: Llama 8 × 512, vocabulary 32,000, random "
-        "weights, sampling at temperature 1, SWITCH τ0 = 0.3, λ = 0.1 (exp); both loops produce the same tokens "
-        "(asserted).",
+        f"{args.new_tokens} --tau0 {args.tau0}` on {machine}. Student: Llama 4 × 256, teacher: Llama 8 × 512, "
+        f"vocabulary 32,000, random weights, sampling at temperature 1, SWITCH τ0 = {args.tau0}, λ = 0.1 (exp); every "
+        "loop produces the same tokens (asserted).",
         "",
         "| measurement | value |",
         "|---|---|",
@@ -133,6 +140,10 @@ def write(rows: dict, args) -> None:
         f"| speed-up of the engine | **{rows['speedup_vs_naive']:.1f}×** |",
         f"| student-only sampling (`student.generate`, KV cache) | {rates['student_generate']:.0f} new tokens/s |",
         f"| SWITCH ÷ (student rollout + one teacher pass over the sequences) | **{rows['switch_vs_student_plus_teacher_pass']:.2f}** |",
+        f"| speculative SWITCH (drafts of up to {args.draft_tokens}; same tokens, asserted) | "
+        f"{rates['speculative_switch']:.0f} new tokens/s |",
+        f"| speculative SWITCH ÷ (student rollout + one teacher pass) | "
+        f"**{rows['speculative_vs_student_plus_teacher_pass']:.2f}** |",
         f"| teacher-written fraction | {rows['teacher_written_fraction']:.2f} |",
         f"| KD target kept by the rollout: the teacher's hidden states [B, T, D] | {rows['kd_target_mib']:.1f} MiB |",
         f"| the same target as fp32 logits [B, T, V] | {rows['logits_mib']:.0f} MiB |",

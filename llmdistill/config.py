@@ -163,6 +163,14 @@ class DistillConfig(TrainingArguments):
     switch_schedule: str = field(
         default="exp", metadata={"help": f"source=switch: threshold schedule, {' | '.join(SCHEDULES)}."}
     )
+    speculative_draft_tokens: int = field(
+        default=8,
+        metadata={
+            "help": "source=switch or skd: the student drafts this many tokens alone and the teacher scores them in "
+            "one pass, keeping the draft up to the first token the teacher writes (exactly the token-by-token "
+            "output); 0 or 1 decodes token by token."
+        },
+    )
     skd_top_k: int = field(
         default=25, metadata={"help": "source=skd: student tokens outside the teacher's top-K are replaced."}
     )
@@ -299,6 +307,7 @@ class DistillConfig(TrainingArguments):
         self._require("switch_tau0", self.switch_tau0 >= 0, "must be ≥ 0")
         self._require("switch_decay", self.switch_decay >= 0, "must be ≥ 0")
         self._require("skd_top_k", self.skd_top_k >= 1, "must be ≥ 1")
+        self._require("speculative_draft_tokens", self.speculative_draft_tokens >= 0, "must be ≥ 0 (0 = token by token)")
         self._require("mixture_alpha", 0 <= self.mixture_alpha <= 1, "must lie in [0, 1]")
 
     def _check_teacher_cache(self) -> None:

@@ -22,6 +22,7 @@ from .divergences import divergence_per_position
 from .losses import default_chunk_size
 
 RULES = ("student", "teacher", "switch", "skd", "mixture")
+SPECULATIVE_RULES = ("switch", "skd")  # the student drafts, the teacher only replaces
 SCHEDULES = ("exp", "linear", "constant")
 POSITION_BUCKETS = ((0, 16), (16, 64), (64, None))  # response positions [start, end): 0–15, 16–63, 64+
 
@@ -100,6 +101,7 @@ def rollout(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     vocab_size: int | None = None,
+    draft_tokens: int = 0,
 ) -> Rollout:
     """Generate responses to left-padded prompts [B, P] with both models in lock step (same tokenizer).
 
@@ -107,6 +109,9 @@ def rollout(
     `teacher=None` the student generates alone (rule `student` only), over its first `vocab_size` ids (the rows the
     teacher that scores the result also has): its tokens are the same as with that teacher in lock step for the same
     seed, and the rollout has no teacher hidden states and zero divergence.
+
+    `draft_tokens` > 1 decodes rules `switch` and `skd` speculatively (METHODS §4.2, `_decode_speculatively`): the
+    same tokens as token by token for the same generator, with the teacher scoring drafts in parallel passes.
     """
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded (every row's last position a real token): set padding_side='left'.")
@@ -115,35 +120,132 @@ def rollout(
     lockstep = is_sharded(student) or (teacher is not None and is_sharded(teacher))
     students = _Decoder(student, input_ids, attention_mask, sampling.max_new_tokens)
     teachers = _Decoder(teacher, input_ids, attention_mask, sampling.max_new_tokens) if teacher is not None else None
-    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    steps, teacher_hidden, student_hidden = [], [], []
+    steps = _Steps(len(input_ids), eos_token_id, pad_token_id, input_ids.device)
+    noise = _Noise(sampling, generator)
+    if draft_tokens > 1 and intervention.rule in SPECULATIVE_RULES and not lockstep:
+        _decode_speculatively(students, teachers, steps, noise, intervention, sampling, vocab_size, draft_tokens)
+    else:
+        _decode_token_by_token(students, teachers, steps, noise, intervention, sampling, vocab_size, lockstep)
+    return steps.rollout(input_ids, attention_mask)
+
+
+def _decode_token_by_token(students, teachers, steps, noise, intervention, sampling, vocab_size, lockstep) -> None:
     for step in range(sampling.max_new_tokens):
         student_logits = students.logits[:, :vocab_size]
         # without a teacher its logits are the student's: same draws from the generator, zero divergence
         teacher_logits = teachers.logits if teachers is not None else student_logits
         student_logits, teacher_logits = on_shared_ids(student_logits, teacher_logits)
         divergence = jensen_shannon(teacher_logits, student_logits)
+        student_noise, teacher_noise = noise.at(step, student_logits.shape)
         token, teacher_writes = _choose(student_logits, teacher_logits, divergence, step, intervention, sampling,
-                                        generator)
-        token = torch.where(finished, pad_token_id, token)
-        steps.append((token, teacher_writes & ~finished, divergence, ~finished))
-        student_hidden.append(students.hidden)
-        if teachers is not None:
-            teacher_hidden.append(teachers.hidden)
-        finished = finished | (token == eos_token_id)
+                                        student_noise, teacher_noise)
+        noise.release(step + 1)
+        all_finished = steps.add(token, teacher_writes, divergence, students.hidden,
+                                 teachers.hidden if teachers is not None else None)
         # sharded models gather their weights in every forward: a rank that stopped early would hang the others
-        if all_ranks(bool(finished.all())) if lockstep else bool(finished.all()):
+        if all_ranks(all_finished) if lockstep else all_finished:
             break
         for decoder in (students, teachers):
             if decoder is not None:
-                decoder.advance(token)
-    tokens, written, divergences, alive = (torch.stack(column, dim=1) for column in zip(*steps))
-    response_mask = alive.long()
-    return Rollout(
-        torch.cat([input_ids, tokens], dim=1), torch.cat([attention_mask, response_mask], dim=1), response_mask,
-        written, divergences * alive, torch.stack(teacher_hidden, dim=1) if teacher_hidden else None,
-        torch.stack(student_hidden, dim=1),
-    )
+                decoder.advance(steps.tokens[-1])
+
+
+def _decode_speculatively(students, teachers, steps, noise, intervention, sampling, vocab_size, draft_tokens) -> None:
+    """Speculative SWITCH/SKD: the student drafts up to `draft_tokens` tokens alone (fewer after the teacher wrote
+    one: see `draft`), the teacher scores them in one parallel pass, and the rule decides position by position; at the first position where the teacher writes a
+    token in any row, every row's token there is final, the drafts after it are dropped and both KV caches are cut
+    back to it. Each step's sampling noise is drawn once, in the token-by-token order, so a dropped draft is
+    redrawn identically and the output equals token-by-token decoding for the same generator (tested)."""
+    step, draft = 0, 2
+    while step < sampling.max_new_tokens:
+        width = min(draft, sampling.max_new_tokens - step)
+        drafts, student_logits, student_hidden = [], [], []
+        for offset in range(width):
+            logits = on_shared_ids(students.logits[:, :vocab_size], teachers.logits)[0]
+            student_logits.append(logits)
+            student_hidden.append(students.hidden)
+            drafts.append(sample(logits, sampling, noise=noise.at(step + offset, logits.shape)[0]))
+            if offset < width - 1:
+                students.advance(drafts[-1])
+        teacher_logits, teacher_hidden = [teachers.logits], [teachers.hidden]
+        if width > 1:
+            scored_logits, scored_hidden = teachers.advance_many(torch.stack(drafts[:-1], dim=1))
+            teacher_logits += scored_logits.unbind(1)
+            teacher_hidden += scored_hidden.unbind(1)
+        for offset in range(width):
+            shared_student, shared_teacher = on_shared_ids(student_logits[offset], teacher_logits[offset])
+            divergence = jensen_shannon(shared_teacher, shared_student)
+            teacher_token = sample(shared_teacher, sampling, noise=noise.at(step + offset, shared_teacher.shape)[1])
+            teacher_writes = _teacher_writes(intervention, divergence, step + offset, shared_teacher, drafts[offset])
+            all_finished = steps.add(torch.where(teacher_writes, teacher_token, drafts[offset]), teacher_writes,
+                                     divergence, student_hidden[offset], teacher_hidden[offset])
+            if all_finished or bool((teacher_writes & steps.alive[-1]).any()):
+                break
+        accepted = offset + 1
+        # draft as far as the student was trusted lately: doubling after a round without a teacher token, back to
+        # the run it kept before one (1 drafts a token at a time, at the cost of token-by-token decoding)
+        draft = min(2 * draft, draft_tokens) if accepted == width and not steps.written[-1].any() else accepted
+        step += accepted
+        noise.release(step)
+        if all_finished:
+            return
+        for decoder in (students, teachers):  # both have read drafts[:width - 1]; keep those still true
+            decoder.crop(width - 1 - (accepted - 1))
+            decoder.advance(steps.tokens[-1])
+
+
+class _Steps:
+    """The final tokens of a rollout, step by step, with each row's finished state (pad after its EOS)."""
+
+    def __init__(self, rows: int, eos_token_id: int, pad_token_id: int, device):
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.tokens, self.written, self.divergences, self.alive = [], [], [], []
+        self.student_hidden, self.teacher_hidden = [], []
+
+    def add(self, token, teacher_writes, divergence, student_hidden, teacher_hidden) -> bool:
+        """Records one step; whether every row has now finished."""
+        token = torch.where(self.finished, self.pad_token_id, token)
+        self.tokens.append(token)
+        self.written.append(teacher_writes & ~self.finished)
+        self.divergences.append(divergence)
+        self.alive.append(~self.finished)
+        self.student_hidden.append(student_hidden)
+        if teacher_hidden is not None:
+            self.teacher_hidden.append(teacher_hidden)
+        self.finished = self.finished | (token == self.eos_token_id)
+        return bool(self.finished.all())
+
+    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Rollout:
+        tokens, written, divergences, alive = (
+            torch.stack(column, dim=1) for column in (self.tokens, self.written, self.divergences, self.alive)
+        )
+        response_mask = alive.long()
+        return Rollout(
+            torch.cat([input_ids, tokens], dim=1), torch.cat([attention_mask, response_mask], dim=1), response_mask,
+            written, divergences * alive, torch.stack(self.teacher_hidden, dim=1) if self.teacher_hidden else None,
+            torch.stack(self.student_hidden, dim=1),
+        )
+
+
+class _Noise:
+    """The uniforms of each step's two samples (the student's, then the teacher's), drawn from the generator the
+    first time the step is reached, in step order, and kept until the step is final (`release`)."""
+
+    def __init__(self, sampling: Sampling, generator: torch.Generator | None):
+        self.sampling, self.generator, self.kept = sampling, generator, {}
+
+    def at(self, step: int, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.sampling.temperature == 0:
+            return None, None
+        if step not in self.kept:
+            device = self.generator.device if self.generator is not None else "cpu"
+            self.kept[step] = tuple(torch.rand(shape, generator=self.generator, device=device) for _ in range(2))
+        return self.kept[step]
+
+    def release(self, final_steps: int) -> None:
+        for step in [step for step in self.kept if step < final_steps]:
+            del self.kept[step]
 
 
 def rollout_statistics(produced: Rollout) -> dict[str, float]:
@@ -205,32 +307,36 @@ def jensen_shannon(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -
     return divergence_per_position(teacher_logits, student_logits, "jsd", beta=0.5).clamp(0.0, math.log(2))
 
 
-def _choose(student_logits, teacher_logits, divergence, step, intervention, sampling, generator):
+def _choose(student_logits, teacher_logits, divergence, step, intervention, sampling, student_noise, teacher_noise):
     """(token [B], teacher wrote it [B]) for one step under the intervention rule."""
-    student_token = sample(student_logits, sampling, generator)
-    teacher_token = sample(teacher_logits, sampling, generator)
-    rule = intervention.rule
-    if rule == "mixture":
+    student_token = sample(student_logits, sampling, noise=student_noise)
+    teacher_token = sample(teacher_logits, sampling, noise=teacher_noise)
+    if intervention.rule == "mixture":
         alpha = intervention.mixture_alpha
         probs = (1 - alpha) * _warped_probs(student_logits, sampling) + alpha * _warped_probs(teacher_logits, sampling)
-        return _draw(probs, sampling, generator), torch.zeros_like(student_token, dtype=torch.bool)
-    if rule == "student":
-        teacher_writes = torch.zeros_like(student_token, dtype=torch.bool)
-    elif rule == "teacher":
-        teacher_writes = torch.ones_like(student_token, dtype=torch.bool)
-    elif rule == "switch":
-        teacher_writes = divergence > intervention.threshold(step)
-    else:  # skd
-        top = teacher_logits.topk(min(intervention.skd_top_k, teacher_logits.shape[-1]), dim=-1).indices
-        teacher_writes = ~(top == student_token[:, None]).any(-1)
+        return _draw(probs, sampling, None, student_noise), torch.zeros_like(student_token, dtype=torch.bool)
+    teacher_writes = _teacher_writes(intervention, divergence, step, teacher_logits, student_token)
     return torch.where(teacher_writes, teacher_token, student_token), teacher_writes
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B] next tokens from [B, V] logits: greedy at temperature 0, else temperature, top-k and top-p sampling."""
+def _teacher_writes(intervention, divergence, step, teacher_logits, student_token) -> torch.Tensor:
+    """[B] whether the teacher writes this step's token under rules student, teacher, switch and skd."""
+    rule = intervention.rule
+    if rule in ("student", "teacher"):
+        return torch.full_like(student_token, rule == "teacher", dtype=torch.bool)
+    if rule == "switch":
+        return divergence > intervention.threshold(step)
+    top = teacher_logits.topk(min(intervention.skd_top_k, teacher_logits.shape[-1]), dim=-1).indices
+    return ~(top == student_token[:, None]).any(-1)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] next tokens from [B, V] logits: greedy at temperature 0, else temperature, top-k and top-p sampling
+    (from `noise`, uniforms shaped like the logits, when given; else from the generator)."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    return _draw(_warped_probs(logits, sampling), sampling, generator)
+    return _draw(_warped_probs(logits, sampling), sampling, generator, noise)
 
 
 def _warped_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -239,7 +345,8 @@ def _warped_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return torch.softmax(logits.float() / sampling.temperature, -1)
 
 
-def _draw(probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+          noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample after keeping the top-k tokens and the smallest set whose mass reaches top-p."""
     if sampling.top_k:
         kth = probs.topk(min(sampling.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
@@ -253,7 +360,9 @@ def _draw(probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     # does, but from uniforms (5× cheaper to draw on CPU than multinomial's exponentials). The noise has the same
     # shape whatever the rule, so every rule advances the generator alike. Inverse-CDF sampling would need one
     # uniform per row, but float error accumulated along a 32k-entry cumsum flips ~1 draw in 30.
-    exponential = -torch.rand(probs.shape, generator=generator, device=probs.device).log()
+    if noise is None:
+        noise = torch.rand(probs.shape, generator=generator, device=probs.device)
+    exponential = -noise.log()
     return (probs / exponential).argmax(-1)
 
 
@@ -285,6 +394,33 @@ class _Decoder:
         ))
         self.length += 1
         self.next_position = self.next_position + 1
+
+    def advance_many(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reads tokens [B, n] in one pass; (logits [B, n, V], final hidden states [B, n, D]) predicting the n
+        positions after each of them."""
+        count = tokens.shape[1]
+        self.attention_mask[:, self.length:self.length + count] = 1
+        outputs = self.model(
+            input_ids=tokens, attention_mask=self.attention_mask,
+            position_ids=self.next_position + torch.arange(count, device=tokens.device),
+            cache_position=torch.arange(self.length, self.length + count, device=tokens.device), **self.cache,
+            use_cache=True, output_hidden_states=True,
+        )
+        self.length += count
+        self.next_position = self.next_position + count
+        self._read(outputs)
+        return outputs.logits.float(), outputs.hidden_states[-1]
+
+    def crop(self, count: int) -> None:
+        """Forgets the last `count` tokens read; their cache slots are masked out and written over next."""
+        if count == 0:
+            return
+        self.length -= count
+        self.next_position = self.next_position - count
+        self.attention_mask[:, self.length:] = 0
+        for layer in getattr(next(iter(self.cache.values())), "layers", ()):
+            if hasattr(layer, "cumulative_length"):  # transformers ≥ 5.2x: the layer counts what it holds
+                layer.crop(-count)
 
     def _read(self, outputs) -> None:
         self.logits = outputs.logits[:, -1].float()

@@ -161,6 +161,7 @@ class Generation:
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
         self.cross_tokenizer, self.pairings = cross_tokenizer, pairings
         self.max_length, self.max_prompt_length = config.max_length, config.max_prompt_length
+        self.draft_tokens = config.speculative_draft_tokens
 
 
 @torch.no_grad()
@@ -192,6 +193,7 @@ def produce(student: PreTrainedModel, teacher: PreTrainedModel, batches: list[di
         Intervention("student") if cross else generation.intervention, sampling,
         tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
         vocab_size=None if cross else min(head_row_count(student), head_row_count(teacher)),
+        draft_tokens=generation.draft_tokens,
     )
     statistics = rollout_statistics(produced) if not alone else {}
     statistics["rollout_tokens_per_second"] = int(produced.response_mask.sum()) / max(

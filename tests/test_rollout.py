@@ -251,3 +251,41 @@ def test_jsd_measured_from_one_teacher_pass_equals_the_lock_step_jsd(models, pro
     assert measured.keys() == in_lock_step.keys() == {"jsd_0-15", "jsd_16-63"}
     for key, value in in_lock_step.items():
         assert measured[key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("rule, options", [  # these models' JSDs lie in [0.002, 0.006]
+    ("switch", {"switch_tau0": 0.005, "switch_decay": 0.03}), ("switch", {"switch_tau0": 0.003, "switch_schedule": "constant"}),
+    ("skd", {"skd_top_k": 5}),
+])
+@pytest.mark.parametrize("draft_tokens", [2, 3, 8])
+@pytest.mark.parametrize("temperature, eos", [(1.0, EOS), (0.0, EOS), (1.0, 30)])  # 30: some rows end early
+def test_speculative_decoding_writes_exactly_what_token_by_token_decoding_writes(models, prompts, rule, options,
+                                                                                  draft_tokens, temperature, eos):
+    """The student drafts, the teacher scores the drafts in one pass, both caches are cut back at the first teacher
+    token: for the same generator, every output of the rollout equals the token-by-token one (rows stop at EOS)."""
+    student, teacher = models
+    sampling = Sampling(max_new_tokens=20, temperature=temperature)
+    one_by_one, speculative = (
+        rollout(student, teacher, *prompts, Intervention(rule=rule, **options), sampling, eos, PAD,
+                torch.Generator().manual_seed(11), draft_tokens=draft)
+        for draft in (0, draft_tokens)
+    )
+    assert torch.equal(speculative.sequences, one_by_one.sequences)
+    assert torch.equal(speculative.teacher_written, one_by_one.teacher_written)
+    assert torch.equal(speculative.response_mask, one_by_one.response_mask)
+    assert 0 < one_by_one.teacher_written.float().mean() < 1  # both writers took part
+    generated = one_by_one.response_mask.bool()  # after its EOS a row's states are never read
+    for name in ("divergence", "teacher_hidden", "student_hidden"):
+        torch.testing.assert_close(getattr(speculative, name)[generated], getattr(one_by_one, name)[generated],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_speculative_decoding_with_padded_heads_writes_only_shared_ids(prompts):
+    student = padded_past_the_tokenizer(tiny_llama(2 * VOCAB, seed=1))
+    teacher = tiny_qwen2(VOCAB, seed=2).eval()
+    outputs = [
+        rollout(student, teacher, *prompts, Intervention("switch", switch_tau0=0.2), Sampling(max_new_tokens=16),
+                -1, PAD, torch.Generator().manual_seed(5), draft_tokens=draft)
+        for draft in (0, 4)
+    ]
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences) and int(outputs[1].sequences.max()) < VOCAB
