@@ -152,9 +152,9 @@ def _decode_token_by_token(students, teachers, steps, noise, intervention, sampl
 
 def _decode_speculatively(students, teachers, steps, noise, intervention, sampling, vocab_size, draft_tokens) -> None:
     """Speculative SWITCH/SKD: the student drafts up to `draft_tokens` tokens alone (fewer after the teacher wrote
-    one: see `draft`), the teacher scores them in one parallel pass, and the rule decides position by position; at the first position where the teacher writes a
-    token in any row, every row's token there is final, the drafts after it are dropped and both KV caches are cut
-    back to it. Each step's sampling noise is drawn once, in the token-by-token order, so a dropped draft is
+    one: see `draft`), the teacher scores them in one parallel pass, and the rule decides position by position; at
+    the first position where the teacher writes a token in any row, every row's token there is final, the drafts
+    after it are dropped and both KV caches are cut back to it. Each step's sampling noise is drawn once, in the token-by-token order, so a dropped draft is
     redrawn identically and the output equals token-by-token decoding for the same generator (tested)."""
     step, draft = 0, 2
     while step < sampling.max_new_tokens:

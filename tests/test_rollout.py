@@ -254,7 +254,8 @@ def test_jsd_measured_from_one_teacher_pass_equals_the_lock_step_jsd(models, pro
 
 
 @pytest.mark.parametrize("rule, options", [  # these models' JSDs lie in [0.002, 0.006]
-    ("switch", {"switch_tau0": 0.005, "switch_decay": 0.03}), ("switch", {"switch_tau0": 0.003, "switch_schedule": "constant"}),
+    ("switch", {"switch_tau0": 0.005, "switch_decay": 0.03}),
+    ("switch", {"switch_tau0": 0.003, "switch_schedule": "constant"}),
     ("skd", {"skd_top_k": 5}),
 ])
 @pytest.mark.parametrize("draft_tokens", [2, 3, 8])

@@ -9,7 +9,8 @@ per-token advantage is A_t = log p_t − log q_t, so the KD term is
     k3:  Σ_t sg(1 − r_t) · log q_t,  r_t = p_t / q_t   the gradient of Σ_t k3_t, k3_t = r_t − 1 − log r_t
 
 (sg: no gradient). k1 is the reverse-KL policy gradient of the OPD recipe; k3 is the low-variance KL estimator
-differentiated as a loss, whose gradient is unbiased for ∇ KL(p ‖ q) instead (E_q[(1 − p/q) ∇log q] = −Σ p ∇log q).
+differentiated as a loss, whose gradient is unbiased for ∇ KL(p ‖ q) instead
+(E_q[(1 − p/q) ∇log q] = −Σ p ∇log q).
 The KD term's value is the estimator's, Σ_t k1_t or Σ_t k3_t (both unbiased for KL(q ‖ p) on student samples), and
 its gradient the surrogate's above. Only the student's head rows both heads have are compared.
 """
