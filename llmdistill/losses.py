@@ -427,10 +427,12 @@ def _jsd_and_gradient(teacher_logits, student_logits, temperature, weight, needs
     ∂/∂q cancel: ∂JSD/∂q_i = (1−β)·log(q_i/m_i)). Half the [chunk, V] buffers and passes of autograd."""
     log_p = _log_softmax_(teacher_logits, temperature)
     log_q = _log_softmax(student_logits, temperature)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
-    p, q = log_p.exp(), log_q.exp()
+    log_m = log_q + math.log(1.0 - beta)
+    torch.logaddexp(log_p + math.log(beta), log_m, out=log_m)
+    p = log_p.exp()
     p_terms = log_p.sub_(log_m).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)  # KL(p ‖ m) per position
-    del p
+    del p, log_p  # before q exists: one [chunk, V] buffer fewer at the peak
+    q = log_q.exp()
     log_q_over_m = log_q.sub_(log_m).masked_fill_(q == 0, 0.0)
     del log_m
     q_terms = (q * log_q_over_m).sum(-1)  # KL(q ‖ m)

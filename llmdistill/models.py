@@ -63,6 +63,26 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, field: st
     return tokenizer
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja",
+)
+
+
+def same_tokenizer_files(first: str, second: str) -> bool:
+    """Whether two local folders hold byte-identical tokenizer files (so one loaded tokenizer serves both)."""
+    folders = [Path(first).expanduser(), Path(second).expanduser()]
+    if not all(folder.is_dir() for folder in folders) or not (folders[0] / "tokenizer.json").is_file():
+        return False
+    for name in TOKENIZER_FILES:
+        files = [folder / name for folder in folders]
+        if files[0].is_file() != files[1].is_file():
+            return False
+        if files[0].is_file() and files[0].read_bytes() != files[1].read_bytes():
+            return False
+    return True
+
+
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, field: str = "model"
                ) -> PreTrainedModel:
     try:

@@ -280,9 +280,10 @@ def divergence_statistics(student_hidden: torch.Tensor, student_head, teacher_hi
                           positions: torch.Tensor, chunk_size: int | None = None) -> dict[str, float]:
     """The rollout's `jsd_*` buckets from hidden states [N, D] at generated tokens (response `positions` [N]): the
     student's from generation time, the teacher's from one pass over the finished responses. A teacher in lock step
-    would have seen the same prefixes, so these are the JSDs it would have measured. Chunked over positions like the
-    loss (`default_chunk_size` by default), so it never holds more [chunk, V] buffers than the loss does."""
-    chunk_size = chunk_size or default_chunk_size(student_head.weight.shape[0])
+    would have seen the same prefixes, so these are the JSDs it would have measured. Chunked over positions: a sixth
+    of the loss's default chunk, since the plain JSD keeps about six times as many [chunk, V] buffers alive as the
+    loss's closed form does per row (a logging step must not raise the run's peak memory)."""
+    chunk_size = chunk_size or max(1, default_chunk_size(student_head.weight.shape[0]) // 6)
     divergence = torch.cat([
         jensen_shannon(*reversed(on_shared_ids(
             student_head.logits(student_hidden[start:start + chunk_size]),

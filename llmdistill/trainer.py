@@ -28,7 +28,7 @@ from .errors import ConfigError, DataError, ModelError, NonFiniteLossError
 from .losses import distill_loss_from_hidden
 from .models import (
     LMHead, check_model_source, eval_mode, freeze, head_row_count, last_hidden_states, load_model, load_tokenizer,
-    supervised_hidden_states, with_adapter,
+    same_tokenizer_files, supervised_hidden_states, with_adapter,
 )
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
 from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
@@ -83,7 +83,9 @@ class DistillTrainer(Trainer):
         tokenizer = processing_class or _load_role_tokenizer(args, student, "student")
         teacher_tokenizer, self.vocab_bridge = None, None
         if args.uses_teacher:
-            teacher_tokenizer = teacher_processing_class or _load_role_tokenizer(args, teacher, "teacher")
+            teacher_tokenizer = teacher_processing_class or _teacher_tokenizer(
+                args, teacher, student, tokenizer if processing_class is None else None
+            )
             self.vocab_bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
             if args.objective not in CROSS_TOKENIZER:
                 _check_same_tokens(args.objective, self.vocab_bridge, teacher_tokenizer, tokenizer)
@@ -423,7 +425,6 @@ class DistillTrainer(Trainer):
         student_head = LMHead.of(self.accelerator.unwrap_model(self.model))
         self._record_values(divergence_statistics(
             student_hidden.to(teacher_hidden.dtype), student_head, teacher_hidden, self._teacher_head(), positions,
-            self.args.loss_chunk_size,
         ))
 
     def _produce(self, model, batches: list[dict]) -> list[Produced]:
@@ -756,6 +757,22 @@ def _check_model_sources(args: DistillConfig, student, teacher) -> None:
 
 def _load_role_tokenizer(args: DistillConfig, model, role: str) -> PreTrainedTokenizerBase:
     """The `role` ("student" or "teacher") tokenizer: its own option if set, else the model's folder or name."""
+    source, field = _tokenizer_source(args, model, role)
+    return load_tokenizer(source, args.trust_remote_code, field=field)
+
+
+def _teacher_tokenizer(args: DistillConfig, teacher, student, student_tokenizer) -> PreTrainedTokenizerBase:
+    """The teacher's tokenizer; the student's object itself (loaded from its files, or None) when both folders hold
+    the same tokenizer files: a second copy of a 150k-token vocabulary costs about 100 MB."""
+    if student_tokenizer is not None and same_tokenizer_files(
+        _tokenizer_source(args, teacher, "teacher")[0], _tokenizer_source(args, student, "student")[0]
+    ):
+        return student_tokenizer
+    return _load_role_tokenizer(args, teacher, "teacher")
+
+
+def _tokenizer_source(args: DistillConfig, model, role: str) -> tuple[str, str]:
+    """(where the `role` tokenizer is, the option that says so)."""
     explicit = getattr(args, f"{role}_tokenizer_name_or_path")
     source = explicit or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
     if not source:
@@ -763,8 +780,7 @@ def _load_role_tokenizer(args: DistillConfig, model, role: str) -> PreTrainedTok
             f"cannot find the {role} tokenizer: pass it (processing_class / teacher_processing_class) or set "
             f"{role}_tokenizer_name_or_path."
         )
-    field = f"{role}_tokenizer_name_or_path" if explicit else f"{role}_model_name_or_path"
-    return load_tokenizer(source, args.trust_remote_code, field=field)
+    return source, f"{role}_tokenizer_name_or_path" if explicit else f"{role}_model_name_or_path"
 
 
 def _cross_columns(objective: str) -> tuple[str, ...]:
