@@ -147,15 +147,16 @@ def _decode_token_by_token(students, teachers, steps, noise, intervention, sampl
             break
         for decoder in (students, teachers):
             if decoder is not None:
-                decoder.advance(steps.tokens[-1])
+                decoder.advance(steps.tokens[-1][:, None])
 
 
 def _decode_speculatively(students, teachers, steps, noise, intervention, sampling, vocab_size, draft_tokens) -> None:
     """Speculative SWITCH/SKD: the student drafts up to `draft_tokens` tokens alone (fewer after the teacher wrote
     one: see `draft`), the teacher scores them in one parallel pass, and the rule decides position by position; at
     the first position where the teacher writes a token in any row, every row's token there is final, the drafts
-    after it are dropped and both KV caches are cut back to it. Each step's sampling noise is drawn once, in the token-by-token order, so a dropped draft is
-    redrawn identically and the output equals token-by-token decoding for the same generator (tested)."""
+    after it are dropped and both KV caches are cut back to it. Each step's sampling noise is drawn once, in the
+    token-by-token order, so a dropped draft is redrawn identically and the output equals token-by-token decoding for
+    the same generator (tested)."""
     step, draft = 0, 2
     while step < sampling.max_new_tokens:
         width = min(draft, sampling.max_new_tokens - step)
@@ -166,12 +167,12 @@ def _decode_speculatively(students, teachers, steps, noise, intervention, sampli
             student_hidden.append(students.hidden)
             drafts.append(sample(logits, sampling, noise=noise.at(step + offset, logits.shape)[0]))
             if offset < width - 1:
-                students.advance(drafts[-1])
+                students.advance(drafts[-1][:, None])
         teacher_logits, teacher_hidden = [teachers.logits], [teachers.hidden]
         if width > 1:
-            scored_logits, scored_hidden = teachers.advance_many(torch.stack(drafts[:-1], dim=1))
-            teacher_logits += scored_logits.unbind(1)
-            teacher_hidden += scored_hidden.unbind(1)
+            scored = teachers.advance(torch.stack(drafts[:-1], dim=1))
+            teacher_logits += scored.logits.float().unbind(1)
+            teacher_hidden += scored.hidden_states[-1].unbind(1)
         for offset in range(width):
             shared_student, shared_teacher = on_shared_ids(student_logits[offset], teacher_logits[offset])
             divergence = jensen_shannon(shared_teacher, shared_student)
@@ -191,7 +192,7 @@ def _decode_speculatively(students, teachers, steps, noise, intervention, sampli
             return
         for decoder in (students, teachers):  # both have read drafts[:width - 1]; keep those still true
             decoder.crop(width - 1 - (accepted - 1))
-            decoder.advance(steps.tokens[-1])
+            decoder.advance(steps.tokens[-1][:, None])
 
 
 class _Steps:
@@ -368,7 +369,7 @@ def _draw(probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
 
 
 class _Decoder:
-    """One model decoding with its own KV cache: the prefill on construction, then `advance` one token at a time.
+    """One model decoding with its own KV cache: the prefill on construction, then `advance` over the tokens read next.
 
     The cache is preallocated for the whole rollout (`StaticCache`): a growing cache copies every layer's keys and
     values at each step, which took half the rollout's time. Future slots are masked out.
@@ -386,19 +387,9 @@ class _Decoder:
             use_cache=True, output_hidden_states=True, logits_to_keep=1,
         ))
 
-    def advance(self, token: torch.Tensor) -> None:
-        self.attention_mask[:, self.length] = 1
-        self._read(self.model(
-            input_ids=token[:, None], attention_mask=self.attention_mask, position_ids=self.next_position,
-            cache_position=torch.tensor([self.length], device=token.device), **self.cache,
-            use_cache=True, output_hidden_states=True,
-        ))
-        self.length += 1
-        self.next_position = self.next_position + 1
-
-    def advance_many(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reads tokens [B, n] in one pass; (logits [B, n, V], final hidden states [B, n, D]) predicting the n
-        positions after each of them."""
+    def advance(self, tokens: torch.Tensor):
+        """Reads tokens [B, n] in one pass (n = 1 when decoding token by token); the model's outputs, whose logits
+        [B, n, V] and last hidden states [B, n, D] predict the position after each token."""
         count = tokens.shape[1]
         self.attention_mask[:, self.length:self.length + count] = 1
         outputs = self.model(
@@ -410,7 +401,7 @@ class _Decoder:
         self.length += count
         self.next_position = self.next_position + count
         self._read(outputs)
-        return outputs.logits.float(), outputs.hidden_states[-1]
+        return outputs
 
     def crop(self, count: int) -> None:
         """Forgets the last `count` tokens read; their cache slots are masked out and written over next."""
