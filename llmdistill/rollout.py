@@ -136,7 +136,7 @@ def _decode_token_by_token(students, teachers, steps, noise, intervention, sampl
         teacher_logits = teachers.logits if teachers is not None else student_logits
         student_logits, teacher_logits = on_shared_ids(student_logits, teacher_logits)
         divergence = jensen_shannon(teacher_logits, student_logits)
-        student_noise, teacher_noise = noise.at(step, student_logits.shape)
+        student_noise, teacher_noise = noise.at(step, student_logits)
         token, teacher_writes = _choose(student_logits, teacher_logits, divergence, step, intervention, sampling,
                                         student_noise, teacher_noise)
         noise.release(step + 1)
@@ -165,7 +165,7 @@ def _decode_speculatively(students, teachers, steps, noise, intervention, sampli
             logits = on_shared_ids(students.logits[:, :vocab_size], teachers.logits)[0]
             student_logits.append(logits)
             student_hidden.append(students.hidden)
-            drafts.append(sample(logits, sampling, noise=noise.at(step + offset, logits.shape)[0]))
+            drafts.append(sample(logits, sampling, noise=noise.at(step + offset, logits)[0]))
             if offset < width - 1:
                 students.advance(drafts[-1][:, None])
         teacher_logits, teacher_hidden = [teachers.logits], [teachers.hidden]
@@ -176,7 +176,7 @@ def _decode_speculatively(students, teachers, steps, noise, intervention, sampli
         for offset in range(width):
             shared_student, shared_teacher = on_shared_ids(student_logits[offset], teacher_logits[offset])
             divergence = jensen_shannon(shared_teacher, shared_student)
-            teacher_token = sample(shared_teacher, sampling, noise=noise.at(step + offset, shared_teacher.shape)[1])
+            teacher_token = sample(shared_teacher, sampling, noise=noise.at(step + offset, shared_teacher)[1])
             teacher_writes = _teacher_writes(intervention, divergence, step + offset, shared_teacher, drafts[offset])
             all_finished = steps.add(torch.where(teacher_writes, teacher_token, drafts[offset]), teacher_writes,
                                      divergence, student_hidden[offset], teacher_hidden[offset])
@@ -236,12 +236,14 @@ class _Noise:
     def __init__(self, sampling: Sampling, generator: torch.Generator | None):
         self.sampling, self.generator, self.kept = sampling, generator, {}
 
-    def at(self, step: int, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def at(self, step: int, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The step's two uniform tensors, shaped and placed like the `logits` they sample from."""
         if self.sampling.temperature == 0:
             return None, None
         if step not in self.kept:
-            device = self.generator.device if self.generator is not None else "cpu"
-            self.kept[step] = tuple(torch.rand(shape, generator=self.generator, device=device) for _ in range(2))
+            self.kept[step] = tuple(
+                torch.rand(logits.shape, generator=self.generator, device=logits.device) for _ in range(2)
+            )
         return self.kept[step]
 
     def release(self, final_steps: int) -> None:
