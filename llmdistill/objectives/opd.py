@@ -42,35 +42,35 @@ class SampledTokenOPD:
         dataset draws, replays) the same estimator runs on their tokens, an off-policy estimate."""
         rows = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
         chunk = self.chunk_size or default_chunk_size(rows)
-        values, weights = self.token_terms(student_hidden, student_head, teacher_hidden, teacher_head, labels, chunk)
-        surrogate = checkpointed_chunk_sum(
-            lambda hidden, tokens, weight: (weight * self._log_q(hidden, student_head, tokens, rows)).sum(),
-            student_hidden, labels, weights, chunk_size=chunk,
-        )
-        kd = values.sum() + (surrogate - surrogate.detach())  # the estimator's value, the surrogate's gradient
-        loss, ce = kd_weight * kd, surrogate.new_zeros(())
+        with torch.no_grad():
+            teacher_logprobs = torch.cat([
+                self._token_logprobs(teacher_hidden[part], teacher_head, labels[part], rows)
+                for part in (slice(start, start + chunk) for start in range(0, len(labels), chunk))
+            ])
+
+        def chunk_kd(hidden, tokens, teacher_logprob):
+            """Σ over the chunk of the estimator's value, with the surrogate's gradient (see the module docstring)."""
+            log_q = self._token_logprobs(hidden, student_head, tokens, rows)
+            values, weights = self.token_terms(log_q.detach() - teacher_logprob)
+            surrogate = (weights * log_q).sum()
+            return values.sum() + (surrogate - surrogate.detach())
+
+        kd = checkpointed_chunk_sum(chunk_kd, student_hidden, labels, teacher_logprobs, chunk_size=chunk)
+        loss, ce = kd_weight * kd, kd.new_zeros(())
         if not _is_zero(ce_weight):  # gold batches: CE on the dataset's responses, as every objective adds it
             sums = distill_loss_from_hidden(student_hidden, student_head, labels=labels, ce_weight=ce_weight,
                                             chunk_size=self.chunk_size)
             loss, ce = loss + sums.loss, sums.ce
         return ObjectiveOutput(loss, ce, kd.detach(), {})
 
-    @torch.no_grad()
-    def token_terms(self, student_hidden, student_head, teacher_hidden, teacher_head, labels, chunk: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token, (the estimator's value, the weight of log q_t in the surrogate), both [N] and detached."""
-        rows = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
-        log_ratio = torch.cat([
-            self._log_q(student_hidden[start:start + chunk], student_head, labels[start:start + chunk], rows)
-            - self._log_q(teacher_hidden[start:start + chunk], teacher_head, labels[start:start + chunk], rows)
-            for start in range(0, len(labels), chunk)
-        ])  # log q − log p = k1
+    def token_terms(self, log_ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From log q − log p per token (= k1), (the estimator's value, the weight of log q_t in the surrogate)."""
         if self.estimator == "k1":
             return log_ratio, log_ratio
         ratio = torch.exp(-log_ratio)  # r = p / q
         return ratio - 1 + log_ratio, 1 - ratio
 
-    def _log_q(self, hidden: torch.Tensor, head: LMHead, tokens: torch.Tensor, rows: int) -> torch.Tensor:
+    def _token_logprobs(self, hidden: torch.Tensor, head: LMHead, tokens: torch.Tensor, rows: int) -> torch.Tensor:
         """[n] log softmax(head(hidden) / τ)[tokens] over the first `rows` ids."""
         logits = head.logits(hidden, rows).float() / self.temperature
         return logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
