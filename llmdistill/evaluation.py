@@ -313,6 +313,7 @@ def evaluate_model(
     eval_sets = [load_eval_set(path, limit) for path in data]
     model, tokenizer = load_model(str(model_dir), field="model"), load_tokenizer(str(model_dir), field="model")
     teacher = load_model(str(teacher_dir), field="--teacher") if teacher_dir else None
+    teacher_tokenizer = load_tokenizer(str(teacher_dir), field="--teacher") if teacher_dir else None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results, predictions_file = {"model": str(model_dir), "seeds": list(seeds), "protocol": vars(protocol),
@@ -328,8 +329,7 @@ def evaluate_model(
             ]
         row = _mean_and_std(per_seed)
         if teacher is not None:
-            row |= _fidelity_on_references(teacher, model, tokenizer, load_tokenizer(str(teacher_dir)), eval_set,
-                                           protocol)
+            row |= _fidelity_on_references(teacher, model, tokenizer, teacher_tokenizer, eval_set, protocol)
         results["datasets"][eval_set.name] = row
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "results.md").write_text(results_markdown(results) + "\n")
