@@ -328,7 +328,9 @@ def _raise_if_problems(problems: list[str], total: int, name: str) -> None:
         return
     listed = "; ".join(problems[:MAX_LISTED_PROBLEMS])
     more = f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-    raise DataError(f"{name} data: {len(problems)} of {total} rows cannot be used (rows counted from 1): {listed}{more}.")
+    raise DataError(
+        f"{name} data: {len(problems)} of {total} rows cannot be used (rows counted from 1): {listed}{more}."
+    )
 
 
 @dataclass

@@ -124,7 +124,9 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, trust_remote_
     except ImportError as error:
         raise ImportError("merging an adapter needs peft: pip install 'llmdistill[peft]'.") from error
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise ModelError(f"adapter={str(adapter_dir)!r} holds no adapter_config.json: give the folder a use_peft run saved.")
+        raise ModelError(
+            f"adapter={str(adapter_dir)!r} holds no adapter_config.json: give the folder a use_peft run saved."
+        )
     model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
     model.merge_and_unload().save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(output_dir)

@@ -131,7 +131,8 @@ class TeacherCache:
             if recorded != value:
                 raise CacheError(
                     f"teacher_cache={str(self.directory)!r} does not match this run: its {key} is {recorded!r}, the "
-                    f"run's is {value!r}. Point teacher_cache at a new folder (it is built on the first run) or delete this one."
+                    f"run's is {value!r}. Point teacher_cache at a new folder (it is built on the first run) or "
+                    "delete this one."
                 )
 
     def head(self, device) -> LMHead | TopKHead:
