@@ -24,7 +24,7 @@ def check_model_source(
     if (path / "adapter_config.json").is_file():
         return
     if not path.exists() and not is_hub_name(name_or_path):
-        raise ModelError(f"{field}={name_or_path!r}: no such folder. Give the folder that save_pretrained wrote.")
+        raise ModelError(_not_loadable(name_or_path, field, None, "model"))
     if path.is_file():
         raise ModelError(
             f"{field}={name_or_path!r} is a file: give the folder that holds it with config.json and the weights."
@@ -93,7 +93,9 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
         raise ModelError(_not_loadable(name_or_path, field, error, "model")) from error
 
 
-def _not_loadable(name_or_path: str, field: str, error: Exception, kind: str) -> str:
+def _not_loadable(name_or_path: str, field: str, error: Exception | None, kind: str) -> str:
+    """Why `name_or_path` gave no `kind`: a folder without one, a missing path, or a hub name this machine cannot
+    reach (`error`: what loading it raised; None when nothing was tried, for a path that does not exist)."""
     where = f"{field}={name_or_path!r}"
     if Path(name_or_path).expanduser().is_dir():
         return (
