@@ -20,6 +20,7 @@ from .sources import LOCK_STEP, RULE, SOURCES
 from .teacher_cache import CACHE_KINDS, TOPK_DIVERGENCES
 
 CONFIG_FILENAME = "distill_config.yaml"
+MIXTURE_SOURCES = ("gt", "student", "mixed", "adaptive")  # several teachers score responses; none writes
 
 
 @dataclass
@@ -32,7 +33,19 @@ class DistillConfig(TrainingArguments):
 
     # Models
     teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Teacher: a local folder or a hub name. Not needed for objective 'sft'."}
+        default=None,
+        metadata={
+            "help": "Teacher: a local folder or a hub name. Not needed for objective 'sft'. Several teachers of the "
+            "student's vocabulary: a comma-separated list (a YAML list too); each row is then routed to one by "
+            "teacher_routing_column, or else the target is the average of their distributions."
+        },
+    )
+    teacher_routing_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers: the dataset column naming each row's teacher (its 0-based place in "
+            "teacher_model_name_or_path, or the name as listed there)."
+        },
     )
     student_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Student to train: a local folder or a hub name."}
@@ -250,6 +263,7 @@ class DistillConfig(TrainingArguments):
         self._check_training_numbers()
         self._check_source()
         self._check_teacher_cache()
+        self._check_several_teachers()
         self._require("eval_generation_size", self.eval_generation_size >= 0, "must be ≥ 0 (0 = loss only)")
         self._require("max_prompt_length", self.max_prompt_length >= 1, "must be ≥ 1")
         self._require(
@@ -309,6 +323,46 @@ class DistillConfig(TrainingArguments):
         self._require("skd_top_k", self.skd_top_k >= 1, "must be ≥ 1")
         self._require("speculative_draft_tokens", self.speculative_draft_tokens >= 0, "must be ≥ 0 (0 = token by token)")
         self._require("mixture_alpha", 0 <= self.mixture_alpha <= 1, "must lie in [0, 1]")
+
+    @property
+    def teacher_paths(self) -> list[str]:
+        """The teachers named by teacher_model_name_or_path, in order (one, or several separated by commas)."""
+        if not self.teacher_model_name_or_path:
+            return []
+        return [path.strip() for path in self.teacher_model_name_or_path.split(",")]
+
+    def _check_several_teachers(self) -> None:
+        if self.teacher_model_name_or_path:  # else the trainer checks the teachers it is given
+            self.check_teacher_count(len(self.teacher_paths))
+
+    def check_teacher_count(self, count: int) -> None:
+        """What several teachers need: a column to route by or none (the average), objective vanilla, a source in
+        which no teacher writes, no teacher cache."""
+        several = count > 1
+        if self.teacher_routing_column is not None and not several:
+            raise ConfigError(
+                f"teacher_routing_column={self.teacher_routing_column!r} routes rows between several teachers: list "
+                "them in teacher_model_name_or_path (comma-separated), or unset teacher_routing_column."
+            )
+        if not several or not self.uses_teacher:
+            return
+        if count == len(self.teacher_paths) and "" in self.teacher_paths:
+            raise ConfigError(f"teacher_model_name_or_path={self.teacher_model_name_or_path!r} has an empty name.")
+        supported = {"objective": ("vanilla",), "source": ("gt",) if self.teacher_routing_column else MIXTURE_SOURCES}
+        for name, allowed in supported.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not supported with several teachers"
+                    f"{' routed by a column' if self.teacher_routing_column else ''}: use {name} "
+                    f"{' or '.join(map(repr, allowed))}, or one teacher."
+                )
+        if self.teacher_cache is not None or self.teacher_tokenizer_name_or_path is not None:
+            field = "teacher_cache" if self.teacher_cache is not None else "teacher_tokenizer_name_or_path"
+            held = "signal" if field == "teacher_cache" else "tokenizer"
+            raise ConfigError(
+                f"{field}={getattr(self, field)!r} holds one teacher's {held}, not several: unset it, or list one "
+                "teacher."
+            )
 
     def _check_teacher_cache(self) -> None:
         if self.teacher_cache is None:
@@ -382,6 +436,8 @@ class DistillConfig(TrainingArguments):
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "DistillConfig":
         """Read a YAML file (optional), then apply `--field value` command-line overrides."""
         values = _read_yaml(path) if path is not None else {}
+        if isinstance(values.get("teacher_model_name_or_path"), list):  # several teachers as a YAML list
+            values["teacher_model_name_or_path"] = ",".join(map(str, values["teacher_model_name_or_path"]))
         parser = _OptionParser(cls, prog="llmdistill train")
         parser.set_defaults(**values)
         config, unused = parser.parse_args_into_dataclasses(args=overrides or [], return_remaining_strings=True)

@@ -23,6 +23,7 @@ PLAIN_CHAT_SUFFIX = "assistant: "
 MAX_LISTED_PROBLEMS = 3
 PAIR_COLUMNS = ("aligned_pairs", "mined_pairs")
 CACHE_INDEX_COLUMN = "cache_index"  # a row's place in the teacher cache (teacher_cache.py)
+TEACHER_INDEX_COLUMN = "teacher_index"  # a row's teacher, 0-based, when several teachers are routed (teachers.py)
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def prepare_dataset(
     (ETA, always) and `mined_pairs` (MinED, when `pairings` asks for "mined"), as (teacher index, student index).
     """
     sides = [("", tokenizer)] + ([("teacher ", teacher_tokenizer)] if teacher_tokenizer is not None else [])
-    usable, problems, dropped = [], [], 0
+    usable, kept, problems, dropped = [], [], [], 0
     for index, row in enumerate(dataset):
         encoded, problem = [], None
         for role, side_tokenizer in sides:
@@ -196,12 +197,17 @@ def prepare_dataset(
             problems.append(f"row {index + 1}: {role + 'tokenizer: ' if role else ''}{problem}")
         else:
             usable.append(encoded)
+            kept.append(index)
     _raise_if_problems(problems, len(dataset), name)
     if not usable:
         raise DataError(f"{name} data: no usable example is left ({dropped} dropped for overlong prompts).")
     if dropped:
         logger.warning("%s data: skipped %d examples with prompts over %d tokens", name, dropped, max_prompt_length)
-    return datasets.Dataset.from_dict(_features(usable, tokenizer, teacher_tokenizer, pairings))
+    features = _features(usable, tokenizer, teacher_tokenizer, pairings)
+    if TEACHER_INDEX_COLUMN in dataset.column_names:
+        routes = dataset[TEACHER_INDEX_COLUMN]
+        features[TEACHER_INDEX_COLUMN] = [routes[index] for index in kept]
+    return datasets.Dataset.from_dict(features)
 
 
 class _Side(NamedTuple):
@@ -339,7 +345,7 @@ class DistillCollator:
 
     Cross-tokenizer rows also carry `teacher_input_ids`/`teacher_labels` (padded with `teacher_pad_token_id`) and
     token pairs (`aligned_pairs`, `mined_pairs`), padded with -1 to [B, K, 2]; rows of a teacher-cached run their
-    `cache_index`.
+    `cache_index`, rows routed between several teachers their `teacher_index`.
     """
 
     pad_token_id: int
@@ -355,8 +361,9 @@ class DistillCollator:
         for key in PAIR_COLUMNS:
             if key in features[0]:
                 batch[key] = _pad_pairs([feature[key] for feature in features])
-        if CACHE_INDEX_COLUMN in features[0]:
-            batch[CACHE_INDEX_COLUMN] = torch.tensor([feature[CACHE_INDEX_COLUMN] for feature in features])
+        for column in (CACHE_INDEX_COLUMN, TEACHER_INDEX_COLUMN):
+            if column in features[0]:
+                batch[column] = torch.tensor([feature[column] for feature in features])
         return batch
 
     def _pad_tokens(self, features, ids_key: str, labels_key: str, pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from .evaluation import exact_match, rouge_l
 from .progress import TrainingProgress
 from .rollout import Intervention, Sampling, divergence_statistics, rollout
 from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
+from .teachers import TEACHER_INDEX_COLUMN, MixtureHead, mixture_signal, route_indices
 from .teacher_cache import (
     META_FILENAME as CACHE_META_FILENAME, CachedTeacher, TeacherCache, TopKHead, build_teacher_cache, config_fingerprint,
     data_fingerprint, tokenizer_fingerprint,
@@ -79,19 +80,27 @@ class DistillTrainer(Trainer):
             raise TypeError("args must be a DistillConfig (it carries the distillation options).")
         student = _first_given(student, model, args.student_model_name_or_path, name="student")
         teacher = _first_given(teacher, args.teacher_model_name_or_path, name="teacher") if args.uses_teacher else None
-        _check_model_sources(args, student, teacher)
+        teachers = _listed(teacher)
+        args.check_teacher_count(len(teachers))
+        _check_model_sources(args, student, teachers)
         tokenizer = processing_class or _load_role_tokenizer(args, student, "student")
         teacher_tokenizer, self.vocab_bridge = None, None
         if args.uses_teacher:
             teacher_tokenizer = teacher_processing_class or _teacher_tokenizer(
-                args, teacher, student, tokenizer if processing_class is None else None
+                args, teachers[0], student, tokenizer if processing_class is None else None
             )
             self.vocab_bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
             if args.objective not in CROSS_TOKENIZER:
                 _check_same_tokens(args.objective, self.vocab_bridge, teacher_tokenizer, tokenizer)
+            for other in teachers[1:]:  # several teachers: each reads the student's vocabulary
+                other_tokenizer = teacher_processing_class or _load_role_tokenizer(args, other, "teacher")
+                _check_same_tokens(args.objective, VocabBridge.between(other_tokenizer, tokenizer), other_tokenizer,
+                                   tokenizer)
         teacher_view = teacher_tokenizer if args.objective in CROSS_TOKENIZER and args.uses_teacher else None
+        routes = _teacher_names(teachers) if args.teacher_routing_column and args.uses_teacher else None
         train_dataset = self._tokenised(
-            train_dataset, args.dataset_name_or_path, args.dataset_train_split, args, tokenizer, "train", teacher_view
+            train_dataset, args.dataset_name_or_path, args.dataset_train_split, args, tokenizer, "train", teacher_view,
+            routes,
         )
         if eval_dataset is not None or args.eval_dataset_name_or_path or args.dataset_eval_split:
             eval_dataset = self._tokenised(
@@ -102,6 +111,7 @@ class DistillTrainer(Trainer):
                 tokenizer,
                 "eval",
                 teacher_view,
+                routes,
             )
 
         if args.teacher_cache and args.uses_teacher:
@@ -133,28 +143,34 @@ class DistillTrainer(Trainer):
         self._head_gradients = None
         if self.is_fsdp_enabled:
             self._keep_head_whole_under_fsdp()
-        self.teacher, self.objective, self.teacher_cache = None, None, None
+        self.teacher, self.teachers, self.objective, self.teacher_cache = None, [], None, None
         self._projectors_in_model = False
         if args.uses_teacher:
-            self._set_up_teacher(teacher, tokenizer, teacher_tokenizer)
+            self._set_up_teacher(teachers, tokenizer, teacher_tokenizer)
         self._set_up_source(tokenizer, teacher_tokenizer)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluation_ce = self._no_evaluation_ce()
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
-    def _set_up_teacher(self, teacher, tokenizer, teacher_tokenizer) -> None:
-        """The frozen teacher (or, with `teacher_cache`, only what the cache cannot replace) and the objective."""
+    def _set_up_teacher(self, teachers: list, tokenizer, teacher_tokenizer) -> None:
+        """The frozen teacher (or, with `teacher_cache`, only what the cache cannot replace) and the objective.
+        With several teachers `self.teacher` is the one with the fewest head rows, which bounds what the student
+        may sample."""
         args = self.args
         if args.teacher_cache:
-            self.teacher_cache = self._open_teacher_cache(teacher, teacher_tokenizer)
+            self.teacher_cache = self._open_teacher_cache(teachers[0], teacher_tokenizer)
             self._cached_head = self.teacher_cache.head(args.device)
             self.teacher = CachedTeacher(self._cached_head) if self.teacher_cache.kind == "hidden" else None
-        else:
-            if isinstance(teacher, str):
-                teacher = load_model(
-                    teacher, args.model_dtype, args.trust_remote_code, field="teacher_model_name_or_path"
+        elif len(teachers) > 1:
+            if self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
+                raise ConfigError(
+                    "several teachers run whole on each rank: use DDP or ZeRO-2 (accelerate's ddp.yaml or "
+                    "zero2.yaml), not FSDP or ZeRO-3, or one teacher."
                 )
-            self.teacher = freeze(teacher).to(args.device)
+            self.teachers = [freeze(self._loaded_teacher(teacher)).to(args.device) for teacher in teachers]
+            self.teacher = min(self.teachers, key=head_row_count)
+        else:
+            self.teacher = freeze(self._loaded_teacher(teachers[0])).to(args.device)
             if self.is_fsdp_enabled:
                 shard_keeping_head_whole(self.teacher)
             elif self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
@@ -176,6 +192,11 @@ class DistillTrainer(Trainer):
         if self.projectors is not None:
             head_trains = LMHead.of(self.model).weight.requires_grad
             self.add_callback(_ProjectorUpkeep(self.projectors, head_trains, self._projectors_in_model))
+
+    def _loaded_teacher(self, teacher: PreTrainedModel | str) -> PreTrainedModel:
+        if not isinstance(teacher, str):
+            return teacher
+        return load_model(teacher, self.args.model_dtype, self.args.trust_remote_code, field="teacher_model_name_or_path")
 
     def _keep_head_whole_under_fsdp(self) -> None:
         """The loss reads the student's LM head weight outside the model's forward, where FSDP would hold only a
@@ -228,7 +249,9 @@ class DistillTrainer(Trainer):
         cache.check(expected)
         return cache
 
-    def _teacher_head(self) -> LMHead | TopKHead:
+    def _teacher_head(self) -> LMHead | TopKHead | MixtureHead:
+        if self.teachers:
+            return MixtureHead([LMHead.of(teacher) for teacher in self.teachers], self.args.temperature)
         return LMHead.of(self.teacher) if self.teacher_cache is None else self._cached_head
 
     def _set_up_source(self, tokenizer, teacher_tokenizer) -> None:
@@ -255,16 +278,17 @@ class DistillTrainer(Trainer):
 
     @staticmethod
     def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str,
-                   teacher_tokenizer=None):
-        """`dataset`, or the one `source` names, tokenised (`_tokenise`); errors in a named file name its option."""
+                   teacher_tokenizer=None, teacher_names: list[str] | None = None):
+        """`dataset`, or the one `source` names, tokenised (`_tokenise`); errors in a named file name its option.
+        With `teacher_names` each row carries its teacher's index, read from args.teacher_routing_column."""
         if dataset is not None:
-            return _tokenise(dataset, args, tokenizer, name, teacher_tokenizer)
+            return _tokenise(_routed(dataset, args, teacher_names), args, tokenizer, name, teacher_tokenizer)
         if not source:
             raise ConfigError(f"no {name} data: pass {name}_dataset= or set dataset_name_or_path.")
         field = "eval_dataset_name_or_path" if source == args.eval_dataset_name_or_path else "dataset_name_or_path"
         dataset = load_raw_dataset(source, split, args.dataset_config_name, field=field)
         try:
-            return _tokenise(dataset, args, tokenizer, name, teacher_tokenizer)
+            return _tokenise(_routed(dataset, args, teacher_names), args, tokenizer, name, teacher_tokenizer)
         except DataError as error:
             raise DataError(f"{field}={source!r}: {error}") from error
 
@@ -313,15 +337,19 @@ class DistillTrainer(Trainer):
 
     def _teacher_outputs_finite(self, inputs) -> bool:
         head = self._teacher_head()
-        if isinstance(head, LMHead) and not all(
-            torch.isfinite(tensor).all() for tensor in (head.weight, head.bias) if tensor is not None
+        heads = head.heads if isinstance(head, MixtureHead) else [head]
+        if not all(
+            torch.isfinite(tensor).all() for head in heads if isinstance(head, LMHead)
+            for tensor in (head.weight, head.bias) if tensor is not None
         ):
             return False
         if self.teacher_cache is not None:
             return bool(torch.isfinite(self.teacher_cache.signal(inputs[CACHE_INDEX_COLUMN])).all())
         prefix = "teacher_" if self.objective.cross_tokenizer else ""
-        hidden = last_hidden_states(self.teacher, inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"])
-        return bool(torch.isfinite(hidden).all())
+        return all(
+            torch.isfinite(last_hidden_states(teacher, inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"])).all()
+            for teacher in self.teachers or [self.teacher]
+        )
 
     def _objective_output(self, model, inputs, ce_weight, kd_weight, teacher_hidden=None, on_policy=False
                           ) -> ObjectiveOutput:
@@ -352,6 +380,10 @@ class DistillTrainer(Trainer):
         """The teacher's hidden states at the supervised positions (or the cache's top-k rows)."""
         if self.teacher_cache is not None:
             return self.teacher_cache.signal(inputs[CACHE_INDEX_COLUMN])
+        if self.teachers:
+            return mixture_signal(
+                self.teachers, inputs["input_ids"], inputs["attention_mask"], supervised, inputs.get(TEACHER_INDEX_COLUMN)
+            )
         return supervised_hidden_states(self.teacher, inputs["input_ids"], inputs["attention_mask"], supervised)
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
@@ -743,16 +775,43 @@ def _tokenise(dataset, args: DistillConfig, tokenizer, name: str, teacher_tokeni
     )
 
 
-def _check_model_sources(args: DistillConfig, student, teacher) -> None:
+def _check_model_sources(args: DistillConfig, student, teachers: list) -> None:
     """Every model and tokenizer named by a path or hub name exists, before anything is loaded."""
-    named = {
-        "student_model_name_or_path": student, "teacher_model_name_or_path": teacher,
-        "student_tokenizer_name_or_path": args.student_tokenizer_name_or_path,
-        "teacher_tokenizer_name_or_path": args.teacher_tokenizer_name_or_path if args.uses_teacher else None,
-    }
-    for field, source in named.items():
+    named = [
+        ("student_model_name_or_path", student),
+        *(("teacher_model_name_or_path", teacher) for teacher in teachers),
+        ("student_tokenizer_name_or_path", args.student_tokenizer_name_or_path),
+        ("teacher_tokenizer_name_or_path", args.teacher_tokenizer_name_or_path if args.uses_teacher else None),
+    ]
+    for field, source in named:
         if isinstance(source, str):
             check_model_source(source, field, args.trust_remote_code, tokenizer_only="tokenizer" in field)
+
+
+def _listed(teacher) -> list:
+    """The teachers given: none, one model or name, a list of them, or names separated by commas."""
+    if teacher is None:
+        return []
+    if isinstance(teacher, str):
+        return [name.strip() for name in teacher.split(",")]
+    return list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+
+
+def _teacher_names(teachers: list) -> list[str]:
+    return [teacher if isinstance(teacher, str) else teacher.name_or_path for teacher in teachers]
+
+
+def _routed(dataset, args: DistillConfig, teacher_names: list[str] | None):
+    """`dataset` with each row's teacher index (TEACHER_INDEX_COLUMN) read from args.teacher_routing_column."""
+    if teacher_names is None or dataset is None or TEACHER_INDEX_COLUMN in dataset.column_names:
+        return dataset
+    column = args.teacher_routing_column
+    if column not in dataset.column_names:
+        raise DataError(
+            f"teacher_routing_column={column!r} is not a column of the data (it has {dataset.column_names}): name "
+            "the column that says which teacher each row goes to."
+        )
+    return dataset.add_column(TEACHER_INDEX_COLUMN, route_indices(dataset[column], teacher_names, column))
 
 
 def _load_role_tokenizer(args: DistillConfig, model, role: str) -> PreTrainedTokenizerBase:
