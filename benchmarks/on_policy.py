@@ -6,8 +6,8 @@
 One teacher (quickstart seed 0, trained once and reused); per student seed, every student starts from the same
 initialisation and sees the same data order. All KD students use vanilla KD (forward KL, alpha_kd 0.5); only the
 source of the KD sequences differs; CE is always on the dataset's responses. Reports the usual metrics over all
-held-out prompts, then separately for the long-response sub-tasks (arithmetic worked step by step, uppercase copies
-of up to 35 words) and the short ones, plus the fraction of training tokens the teacher wrote.
+held-out prompts, then separately for the long-response sub-tasks (counting on over up to 30 numbers, lists of up
+to 15 multiples) and the short ones, plus the fraction of training tokens the teacher wrote.
 Writes benchmarks/results/on_policy.md.
 """
 
@@ -22,7 +22,7 @@ from llmdistill.quickstart.run import student_name
 from student_comparison import METRICS, command, mean_std, parse_args, run_seeds, table, teacher_line, write
 
 SOURCES = ("gt", "mixed", "adaptive", "skd", "switch")
-LONG_TASKS = ("arithmetic", "uppercase")
+LONG_TASKS = ("count", "multiples")
 RESULTS = Path(__file__).parent / "results" / "on_policy.md"
 GENERATION_METRICS = tuple(metric for metric in METRICS if metric[0] in ("exact_match", "rouge_l"))
 ROLLOUT_COLUMNS = (  # key, header

@@ -23,7 +23,7 @@ needs_shared_data = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def examples() -> list[dict]:
-    return make_examples(64, seed=1, subtasks=["reverse", "sort", "lookup", "count"])
+    return make_examples(64, seed=1, subtasks=["reverse", "copy", "spell", "count"])
 
 
 @pytest.fixture(scope="session")

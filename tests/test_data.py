@@ -184,9 +184,11 @@ def test_a_cut_response_has_no_eos_pair(tokenizer, sentencepiece):
 
 def test_a_row_the_teacher_cannot_use_is_reported_as_the_teachers(tokenizer, sentencepiece):
     rows = [{"prompt": " backwards" * 20 + "\n", "output": "y"}]  # fewer student than teacher tokens
-    assert len(sentencepiece(rows[0]["prompt"])["input_ids"]) < 150 < len(tokenizer(rows[0]["prompt"])["input_ids"])
+    student_count, teacher_count = (len(side(rows[0]["prompt"])["input_ids"]) for side in (sentencepiece, tokenizer))
+    assert teacher_count - student_count > 10
+    limit = (student_count + teacher_count) // 2
     with pytest.raises(DataError, match="row 1: the prompt has \\d+ teacher tokens"):
-        prepare(rows, sentencepiece, teacher_tokenizer=tokenizer, max_prompt_length=150, max_length=300)
+        prepare(rows, sentencepiece, teacher_tokenizer=tokenizer, max_prompt_length=limit, max_length=2 * teacher_count)
 
 
 def test_collator_pads_the_teacher_view_and_the_pairs(tokenizer, sentencepiece):

@@ -45,9 +45,9 @@ def test_make_examples_is_deterministic_in_seed():
 
 
 def test_make_examples_balances_and_restricts_subtasks():
-    counts = Counter(example["task"] for example in make_examples(70, seed=0))
+    counts = Counter(example["task"] for example in make_examples(10 * len(SUBTASKS), seed=0))
     assert counts == {name: 10 for name in SUBTASKS}
-    assert {example["task"] for example in make_examples(20, seed=0, subtasks=["sort", "count"])} == {"sort", "count"}
+    assert {example["task"] for example in make_examples(20, seed=0, subtasks=["copy", "count"])} == {"copy", "count"}
     with pytest.raises(ValueError):
         make_examples(5, seed=0, subtasks=["translate"])
 
@@ -93,52 +93,49 @@ def test_prompt_and_response_format(splits):
 def test_response_lengths_span_short_and_long(splits):
     lengths = [len(example["response"]) for example in splits[0]]
     assert sum(length <= 10 for length in lengths) > 100
-    assert sum(length >= 150 for length in lengths) > 20
-    assert max(lengths) <= 450
-
-
-def test_arithmetic_responses_are_correct(splits):
-    arithmetic = [example for example in splits[0] if example["task"] == "arithmetic"]
-    for example in arithmetic:
-        terms = re.findall(r"([+-]?) ?(\d+)", instruction_of(example))
-        *steps, answer_line = example["response"].split("\n")
-        assert len(steps) == len(terms) - 1
-        total = int(terms[0][1])
-        for (operator, operand), step in zip(terms[1:], steps):
-            left, step_operator, right, result = re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)", step).groups()
-            assert (int(left), step_operator, int(right)) == (total, operator, int(operand))
-            total = total + int(operand) if operator == "+" else total - int(operand)
-            assert int(result) == total
-        assert answer_line == f"Answer: {total}"
-    assert max(len(example["response"].split("\n")) for example in arithmetic) == 11  # 10 steps + the answer
+    assert sum(length >= 60 for length in lengths) > 100
+    assert max(lengths) <= 160
 
 
 def expected_response(example):
     instruction = instruction_of(example)
+    numbers = [int(number) for number in re.findall(r"\d+", instruction)]
     task = example["task"]
+    if task == "count":
+        return ", ".join(map(str, range(numbers[0], numbers[1] + 1)))
+    if task == "multiples":
+        base, n = (numbers[0], numbers[1]) if instruction.startswith("Count by") else (numbers[1], numbers[0])
+        return ", ".join(str(base * k) for k in range(1, n + 1))
     if task == "reverse":
         return " ".join(reversed(listed_after_colon(instruction).split()))
-    if task == "sort":
-        numbers = sorted(int(number) for number in listed_after_colon(instruction).split(", "))
-        return ", ".join(map(str, numbers))
-    if task == "lookup":
-        table = dict(re.findall(r"([a-h])=(\d+)", instruction))
-        return table[re.search(r"(?:what is|Look up|value of) ([a-h])\b", instruction).group(1)]
-    if task == "count":
-        target = re.search(r"(?:does|letter) ([a-e]) ", instruction).group(1)
-        return str(listed_after_colon(instruction).split().count(target))
-    if task == "repeat":
-        word, times = re.search(r"(\w+) (?:exactly )?(\d+) times", instruction).groups()
-        return " ".join([word] * int(times))
-    if task == "uppercase":
-        return listed_after_colon(instruction).upper()
+    if task == "copy":
+        return listed_after_colon(instruction)
+    if task == "spell":
+        return ", ".join(" ".join(word) for word in listed_after_colon(instruction).split())
+    if task == "next":
+        return str(numbers[0] + (1 if re.search("after|follows", instruction) else -1))
     raise AssertionError(f"no checker for {task}")
 
 
-def test_non_arithmetic_responses_follow_their_rule(splits):
+def test_held_out_responses_follow_their_rule(splits):
+    for example in splits[1]:
+        assert example["response"] == expected_response(example), example
+
+
+def test_a_fifth_of_training_responses_carry_one_typo(splits):
+    with_typo = 0
     for example in splits[0]:
-        if example["task"] != "arithmetic":
-            assert example["response"] == expected_response(example), example
+        expected = expected_response(example)
+        differing = [(got, want) for got, want in zip(example["response"], expected) if got != want]
+        assert len(example["response"]) == len(expected) and len(differing) <= 1, example
+        if differing:
+            (got, want), = differing
+            assert got.isdigit() == want.isdigit() and got.isalnum()
+            with_typo += 1
+    assert 0.17 < with_typo / len(splits[0]) < 0.23
+    clean = make_training_rows(0, 200, typo_rate=0.0)
+    assert all(example["response"] == expected_response(example) for example in clean)
+    assert [row["prompt"] for row in clean] == [row["prompt"] for row in make_training_rows(0, 200)]
 
 
 # --- tokenizer -----------------------------------------------------------------
@@ -197,12 +194,10 @@ def test_save_and_reload_is_identical(tokenizer, all_texts, tmp_path):
     assert reloaded(sample, return_offsets_mapping=True) == tokenizer(sample, return_offsets_mapping=True)
 
 
-def test_longest_responses_take_about_100_to_200_tokens(tokenizer, splits):
-    responses = [example["response"] for example in splits[0]]
-    token_counts = [len(ids) for ids in tokenizer(responses)["input_ids"]]
-    assert 100 <= max(token_counts) <= 200
-    long_by_chars = [count for response, count in zip(responses, token_counts) if len(response) >= 150]
-    assert long_by_chars and all(60 <= count <= 200 for count in long_by_chars)
+def test_long_responses_take_at_least_64_tokens(tokenizer, splits):
+    token_counts = [len(ids) for ids in tokenizer([example["response"] for example in splits[1]])["input_ids"]]
+    assert max(token_counts) <= 150
+    assert sum(count >= 64 for count in token_counts) >= 10
 
 
 def test_a_word_is_the_same_token_at_the_start_and_after_a_space(tokenizer):

@@ -1,10 +1,10 @@
 """Synthetic instruction-following task for the offline quickstart demo.
 
-Every sub-task is deterministic and rule-based over small alphabets and small
-numbers, so a tiny transformer can learn it from a couple of thousand examples.
-Response lengths range from one token (``lookup``, ``count``) to ~125 tokens
-(``arithmetic``, written out step by step), so that the quality of long
-generations shows up in the evaluation.
+Every sub-task is deterministic and rule-based over small alphabets and small numbers, built from what a small
+transformer learns well (copying from the prompt, reversing, counting on, recalling a spelling), so that a teacher
+of under a million parameters masters it while a briefly trained student does not. Responses range from one token
+(``next``) to ~120 (``count``, ``multiples``), so that the quality of long generations shows up in the evaluation.
+Training responses carry the occasional typo (:data:`TYPO_RATE`); held-out references never do.
 """
 
 from __future__ import annotations
@@ -23,30 +23,23 @@ WORDS = (
     "stone", "cloud", "horse", "mouse", "runs", "jumps", "sings", "reads", "sleeps", "the",
 )
 
-MAX_TOTAL = 99  # running totals stay two-digit so each step is small-number arithmetic
-
 InstructionGenerator = Callable[[random.Random], tuple[str, str]]
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    total = rng.randint(1, 30)
-    expression = [str(total)]
-    steps = []
-    for _ in range(rng.randint(2, 10)):
-        operand = rng.randint(1, 9)
-        if total + operand > MAX_TOTAL or (total >= operand and rng.random() < 0.5):
-            operator, result = "-", total - operand
-        else:
-            operator, result = "+", total + operand
-        expression.append(f"{operator} {operand}")
-        steps.append(f"{total} {operator} {operand} = {result}")
-        total = result
+def _count(rng: random.Random) -> tuple[str, str]:
+    start = rng.randint(1, 80)
+    end = start + rng.randint(2, 29)
+    phrasing = rng.choice(("Count from {} to {}.", "List the numbers from {} to {}.", "Write every number from {} to {}."))
+    return phrasing.format(start, end), ", ".join(map(str, range(start, end + 1)))
+
+
+def _multiples(rng: random.Random) -> tuple[str, str]:
+    base, n = rng.randint(2, 9), rng.randint(3, 15)
     phrasing = rng.choice((
-        "Compute step by step: {}",
-        "Work out {} one step at a time.",
-        "Evaluate step by step: {}",
+        "List the first {n} multiples of {base}.", "Write {n} multiples of {base}, starting at {base}.",
+        "Count by {base}s, {n} numbers.",
     ))
-    return phrasing.format(" ".join(expression)), "\n".join(steps + [f"Answer: {total}"])
+    return phrasing.format(n=n, base=base), ", ".join(str(base * k) for k in range(1, n + 1))
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
@@ -60,66 +53,34 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return phrasing.format(" ".join(items)), " ".join(reversed(items))
 
 
-def _sort(rng: random.Random) -> tuple[str, str]:
-    numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
-    phrasing = rng.choice((
-        "Sort in ascending order: {}",
-        "Sort these numbers from smallest to largest: {}",
-        "Put in increasing order: {}",
-    ))
-    listed = ", ".join(map(str, numbers))
-    return phrasing.format(listed), ", ".join(map(str, sorted(numbers)))
+def _copy(rng: random.Random) -> tuple[str, str]:
+    text = " ".join(rng.choices(WORDS, k=rng.randint(2, 8)))
+    phrasing = rng.choice(("Repeat after me: {}", "Copy this exactly: {}", "Say it back: {}"))
+    return phrasing.format(text), text
 
 
-def _lookup(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample("abcdefgh", rng.randint(3, 6))
-    values = {key: rng.randint(0, 99) for key in keys}
-    table = ", ".join(f"{key}={value}" for key, value in values.items())
-    query = rng.choice(keys)
-    phrasing = rng.choice((
-        "Given {table}, what is {query}?",
-        "Look up {query} in: {table}",
-        "{table}\nReturn the value of {query}.",
-    ))
-    return phrasing.format(table=table, query=query), str(values[query])
+def _spell(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(WORDS, rng.randint(1, 3))
+    phrasing = rng.choice(("Spell: {}", "Spell out each word: {}", "Write the letters of: {}"))
+    return phrasing.format(" ".join(words)), ", ".join(" ".join(word) for word in words)
 
 
-def _count(rng: random.Random) -> tuple[str, str]:
-    letters = rng.choices("abc", k=rng.randint(4, 9))
-    target = rng.choice("abc")
-    phrasing = rng.choice((
-        "How many times does {target} appear in: {letters}?",
-        "Count the letter {target} in: {letters}",
-    ))
-    instruction = phrasing.format(target=target, letters=" ".join(letters))
-    return instruction, str(letters.count(target))
-
-
-def _repeat(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(WORDS)
-    times = rng.randint(2, 6)
-    phrasing = rng.choice((
-        "Repeat the word {word} {times} times.",
-        "Write {word} {times} times.",
-        "Say {word} exactly {times} times.",
-    ))
-    return phrasing.format(word=word, times=times), " ".join([word] * times)
-
-
-def _uppercase(rng: random.Random) -> tuple[str, str]:
-    text = " ".join(rng.choices(WORDS, k=rng.randint(3, 35)))
-    phrasing = rng.choice(("Convert to uppercase: {}", "Write in capital letters: {}"))
-    return phrasing.format(text), text.upper()
+def _next(rng: random.Random) -> tuple[str, str]:
+    number = rng.randint(1, 98)
+    if rng.random() < 0.5:
+        phrasing, answer = rng.choice(("What comes after {}?", "What number follows {}?")), number + 1
+    else:
+        phrasing, answer = rng.choice(("What comes before {}?", "What number precedes {}?")), number - 1
+    return phrasing.format(number), str(answer)
 
 
 _GENERATORS: dict[str, InstructionGenerator] = {
-    "arithmetic": _arithmetic,
-    "reverse": _reverse,
-    "sort": _sort,
-    "lookup": _lookup,
     "count": _count,
-    "repeat": _repeat,
-    "uppercase": _uppercase,
+    "multiples": _multiples,
+    "reverse": _reverse,
+    "copy": _copy,
+    "spell": _spell,
+    "next": _next,
 }
 
 SUBTASKS: tuple[str, ...] = tuple(_GENERATORS)
@@ -176,9 +137,23 @@ def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 100) -> tuple[
     return make_training_rows(seed, n_train), _unique(seed, n_eval, held_out=True, in_turn=True)
 
 
-def make_training_rows(seed: int, n: int) -> list[dict]:
-    """``n`` examples with pairwise distinct prompts, none from the held-out share."""
-    return _unique(seed, n, held_out=False, in_turn=False)
+TYPO_RATE = 0.2  # share of training responses with one wrong character, as written by a careless annotator
+
+
+def make_training_rows(seed: int, n: int, typo_rate: float = TYPO_RATE) -> list[dict]:
+    """``n`` examples with pairwise distinct prompts, none from the held-out share; a `typo_rate` share of the
+    responses carry one wrong character (a digit for a digit, a letter for a letter), drawn from their own seed.
+    Held-out references are always correct."""
+    rows = _unique(seed, n, held_out=False, in_turn=False)
+    rng = random.Random(f"typos-{seed}")
+    return [row | {"response": _with_typo(row["response"], rng)} if rng.random() < typo_rate else row for row in rows]
+
+
+def _with_typo(response: str, rng: random.Random) -> str:
+    position = rng.choice([index for index, char in enumerate(response) if char.isalnum()])
+    alphabet = string.digits if response[position].isdigit() else string.ascii_lowercase
+    wrong = rng.choice(alphabet.replace(response[position], ""))
+    return response[:position] + wrong + response[position + 1:]
 
 
 def _unique(seed: int, n: int, held_out: bool, in_turn: bool) -> list[dict]:

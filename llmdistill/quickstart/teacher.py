@@ -107,7 +107,7 @@ def _training_config(out: Path, recipe: TeacherRecipe) -> DistillConfig:
         output_dir=str(out), objective="sft", max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size,
         learning_rate=recipe.learning_rate, lr_scheduler_type="cosine", warmup_steps=recipe.steps // 50,
         weight_decay=0.0, logging_steps=max(recipe.steps // 100, 1), seed=recipe.seed, report_to=[],
-        disable_tqdm=True, use_cpu=True, train_sampling_strategy="group_by_length", save_strategy="no",
+        disable_tqdm=True, use_cpu=True, save_strategy="no",
     )
 
 
