@@ -73,6 +73,14 @@ def test_eval_prompts_come_from_the_held_out_share_only(splits):
     assert 0.07 < share < 0.13
 
 
+def test_teacher_rows_take_the_subtasks_in_turn_with_prompts_repeating():
+    rows = make_training_rows(3, 1200, distinct=False)
+    counts = Counter(row["task"] for row in rows)
+    assert set(counts) == set(SUBTASKS) and max(counts.values()) < 1.2 * min(counts.values())
+    assert len({row["prompt"] for row in rows}) < len(rows)
+    assert not any(is_held_out(row["prompt"]) for row in rows)
+
+
 def test_eval_split_does_not_depend_on_train_size(splits):
     assert make_splits(seed=0, n_train=50)[1] == splits[1]
 

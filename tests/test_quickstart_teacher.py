@@ -38,3 +38,17 @@ def test_tampered_or_missing_teacher_is_refused_naming_the_file_and_the_fix(tmp_
 def test_teacher_build_is_deterministic(tmp_path):
     first = build_teacher(tmp_path / "a", TINY)
     assert build_teacher(tmp_path / "b", TINY) == first
+
+
+def test_shipped_teacher_is_strong_on_prompts_it_never_saw():
+    """The quickstart's premise: a teacher worth distilling (the recipe's README figure, at least 80% exact match
+    on the quickstart's held-out prompts, long responses included)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmdistill.quickstart.run import DEFAULT, greedy_scores
+    from llmdistill.quickstart.task import make_splits
+
+    directory = embedded_teacher_dir()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    scores = greedy_scores(model, tokenizer, make_splits(0, 0, DEFAULT.n_eval)[1], DEFAULT.max_new_tokens)
+    assert scores["exact_match"] >= 80 and scores["long"]["rows"] >= 10 and scores["long"]["exact_match"] >= 50

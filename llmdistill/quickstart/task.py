@@ -140,11 +140,16 @@ def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 100) -> tuple[
 TYPO_RATE = 0.2  # share of training responses with one wrong character, as written by a careless annotator
 
 
-def make_training_rows(seed: int, n: int, typo_rate: float = TYPO_RATE) -> list[dict]:
-    """``n`` examples with pairwise distinct prompts, none from the held-out share; a `typo_rate` share of the
-    responses carry one wrong character (a digit for a digit, a letter for a letter), drawn from their own seed.
-    Held-out references are always correct."""
-    rows = _unique(seed, n, held_out=False, in_turn=False)
+def make_training_rows(seed: int, n: int, typo_rate: float = TYPO_RATE, distinct: bool = True) -> list[dict]:
+    """``n`` examples, none from the held-out share, with pairwise distinct prompts (with `distinct`: sub-tasks with
+    few prompts, like ``multiples``, then run out and the others fill in) or the sub-tasks in turn, prompts
+    repeating. A `typo_rate` share of the responses carry one wrong character (a digit for a digit, a letter for a
+    letter), drawn from their own seed. Held-out references are always correct."""
+    if distinct:
+        rows = _unique(seed, n, held_out=False, in_turn=False)
+    else:
+        stream = (example for example in _example_stream(seed, None) if not is_held_out(example["prompt"]))
+        rows = [next(stream) for _ in range(n)]
     rng = random.Random(f"typos-{seed}")
     return [row | {"response": _with_typo(row["response"], rng)} if rng.random() < typo_rate else row for row in rows]
 

@@ -44,7 +44,7 @@ class TeacherRecipe:
 
 RECIPE = TeacherRecipe()
 # sha256 of the shipped weights; `python -m llmdistill.quickstart.teacher OUT` prints the one of a rebuild
-EMBEDDED_SHA256 = "0ba1c16dce11ea62d9f543b27775d26d886e599403678a542616d7f44f7a186e"
+EMBEDDED_SHA256 = "25e0059c15944d99392672492fc558beef6be843592f83e248a4a2556ce58be3"
 
 
 class EmbeddedTeacherError(ModelError):
@@ -83,7 +83,8 @@ def build_teacher(output_dir: str | Path, recipe: TeacherRecipe = RECIPE, thread
         [row["prompt"] + row["response"] for row in make_training_rows(recipe.seed + 1, recipe.tokenizer_rows)],
         recipe.vocab_size,
     )
-    rows = make_training_rows(recipe.seed, recipe.train_rows)
+    # Every sub-task in turn, prompts repeating: the teacher sees as many multiples as reversals.
+    rows = make_training_rows(recipe.seed, recipe.train_rows, distinct=False)
     train_set = prepare_dataset(
         datasets.Dataset.from_list(rows), tokenizer, ExampleFormat(prompt_column="prompt", response_column="response"),
         recipe.max_length, recipe.max_length, name="teacher train",
