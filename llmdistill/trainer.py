@@ -214,6 +214,12 @@ class DistillTrainer(Trainer):
     def _clip_grad_norm(self, model):
         if self._head_gradients is not None:
             self._head_gradients.average()  # every rank must clip by the same norm
+        if self.projectors is not None and not self._projectors_in_model and not self.is_fsdp_enabled:
+            # One norm over the student and the projectors, as DeepSpeed clips them inside the model; their
+            # gradients are averaged first so that every rank clips by the same norm (averaging again is a no-op).
+            average_gradients_over_ranks(self.projectors.parameters())
+            parameters = [*model.parameters(), *self.projectors.parameters()]
+            return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
 
     def _open_teacher_cache(self, teacher, teacher_tokenizer) -> TeacherCache:
