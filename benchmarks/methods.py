@@ -2,6 +2,7 @@
 
     python benchmarks/methods.py              # all methods, seeds 0 1 2 (over an hour on 2 CPU cores)
     python benchmarks/methods.py --quick      # one seed, 60 steps per student, one sampling seed (under 10 min)
+    python benchmarks/methods.py --student-steps 1000 --methods SFT "KD (fkl)" --results benchmarks/results/methods_1000_steps.md
     python benchmarks/methods.py --smoke --methods SFT "KD (fkl)"   # seconds: the same code path
 
 One teacher: the quickstart's embedded one (never trained on a held-out prompt). For each student seed every method
@@ -115,6 +116,8 @@ def main() -> None:
     args = _parse_args()
     started = time.perf_counter()
     settings = SMOKE if args.smoke else QUICK if args.quick else DEFAULT
+    if args.student_steps:
+        settings = dataclasses.replace(settings, student_steps=args.student_steps)
     seeds = args.seeds or ([0] if args.quick or args.smoke else [0, 1, 2])
     sampling_seeds = tuple(args.sampling_seeds or (PAPER_SEEDS[:1] if args.quick or args.smoke else PAPER_SEEDS))
     methods = [method for method in METHODS if not args.methods or method.name in args.methods]
@@ -142,6 +145,7 @@ def _parse_args() -> argparse.Namespace:
                         help=f"seeds of the papers' sampled ROUGE-L (default {list(PAPER_SEEDS)}; the first with "
                         "--quick)")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table)")
+    parser.add_argument("--student-steps", type=int, help="steps per student (default: the quickstart's 300)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel students")
     parser.add_argument("--output-dir", type=Path, help="default runs/methods (runs/methods-quick with --quick)")
     parser.add_argument("--results", type=Path,
