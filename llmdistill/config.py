@@ -327,9 +327,7 @@ class DistillConfig(TrainingArguments):
     @property
     def teacher_paths(self) -> list[str]:
         """The teachers named by teacher_model_name_or_path, in order (one, or several separated by commas)."""
-        if not self.teacher_model_name_or_path:
-            return []
-        return [path.strip() for path in self.teacher_model_name_or_path.split(",")]
+        return listed_teachers(self.teacher_model_name_or_path or None)
 
     def _check_several_teachers(self) -> None:
         if self.teacher_model_name_or_path:  # else the trainer checks the teachers it is given
@@ -444,6 +442,15 @@ class DistillConfig(TrainingArguments):
         if unused:
             raise ConfigError(_unknown_option(unused[0], "command-line option", prefix="--"))
         return config
+
+
+def listed_teachers(teachers) -> list:
+    """The teachers given: none, one model or name, a list or tuple of them, or names separated by commas."""
+    if teachers is None:
+        return []
+    if isinstance(teachers, str):
+        return [name.strip() for name in teachers.split(",")]
+    return list(teachers) if isinstance(teachers, (list, tuple)) else [teachers]
 
 
 class _OptionParser(HfArgumentParser):

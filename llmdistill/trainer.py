@@ -16,7 +16,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import CONFIG_FILENAME, DistillConfig
+from .config import CONFIG_FILENAME, DistillConfig, listed_teachers
 from .data import (
     CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
 )
@@ -80,7 +80,7 @@ class DistillTrainer(Trainer):
             raise TypeError("args must be a DistillConfig (it carries the distillation options).")
         student = _first_given(student, model, args.student_model_name_or_path, name="student")
         teacher = _first_given(teacher, args.teacher_model_name_or_path, name="teacher") if args.uses_teacher else None
-        teachers = _listed(teacher)
+        teachers = listed_teachers(teacher)
         args.check_teacher_count(len(teachers))
         _check_model_sources(args, student, teachers)
         tokenizer = processing_class or _load_role_tokenizer(args, student, "student")
@@ -792,15 +792,6 @@ def _check_model_sources(args: DistillConfig, student, teachers: list) -> None:
     for field, source in named:
         if isinstance(source, str):
             check_model_source(source, field, args.trust_remote_code, tokenizer_only="tokenizer" in field)
-
-
-def _listed(teacher) -> list:
-    """The teachers given: none, one model or name, a list of them, or names separated by commas."""
-    if teacher is None:
-        return []
-    if isinstance(teacher, str):
-        return [name.strip() for name in teacher.split(",")]
-    return list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
 
 
 def _teacher_names(teachers: list) -> list[str]:
