@@ -140,7 +140,7 @@ class DistillTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
 
-        self._head_gradients = None
+        self._head_gradients, self._projector_gradients = None, None
         if self.is_fsdp_enabled:
             self._keep_head_whole_under_fsdp()
         self.teacher, self.teachers, self.objective, self.teacher_cache = None, [], None, None
@@ -190,6 +190,9 @@ class DistillTrainer(Trainer):
         if self._projectors_in_model:
             self.model.add_module(PROJECTORS_MODULE, self.projectors)
         if self.projectors is not None:
+            if not self._projectors_in_model:  # neither DDP's gradient averaging nor DeepSpeed's reaches them
+                self._projector_gradients = _AverageGradients(list(self.projectors.parameters()))
+                self.add_callback(self._projector_gradients)
             head_trains = LMHead.of(self.model).weight.requires_grad
             self.add_callback(_ProjectorUpkeep(self.projectors, head_trains, self._projectors_in_model))
 
@@ -214,10 +217,10 @@ class DistillTrainer(Trainer):
     def _clip_grad_norm(self, model):
         if self._head_gradients is not None:
             self._head_gradients.average()  # every rank must clip by the same norm
-        if self.projectors is not None and not self._projectors_in_model and not self.is_fsdp_enabled:
+        if self._projector_gradients is not None and not self.is_fsdp_enabled:
             # One norm over the student and the projectors, as DeepSpeed clips them inside the model; their
-            # gradients are averaged first so that every rank clips by the same norm (averaging again is a no-op).
-            average_gradients_over_ranks(self.projectors.parameters())
+            # gradients are averaged first (once per step) so that every rank clips by the same norm.
+            self._projector_gradients.average()
             parameters = [*model.parameters(), *self.projectors.parameters()]
             return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
@@ -693,8 +696,9 @@ class _AdaptiveSchedule(TrainerCallback):
 
 
 class _AverageGradients(TrainerCallback):
-    """Parameters outside FSDP's shards: their gradients averaged over the ranks once per optimizer step, before
-    gradient clipping reads them (`DistillTrainer._clip_grad_norm`) or, without clipping, before the step."""
+    """Parameters no wrapper averages (the LM head outside FSDP's shards, DSKD projectors outside the model): their
+    gradients averaged over the ranks once per optimizer step, before gradient clipping reads them
+    (`DistillTrainer._clip_grad_norm`) or, without clipping, before the step."""
 
     def __init__(self, parameters: list[torch.nn.Parameter]):
         self.parameters, self.pending = parameters, True
@@ -712,17 +716,13 @@ class _AverageGradients(TrainerCallback):
 
 
 class _ProjectorUpkeep(TrainerCallback):
-    """Outside DeepSpeed the projectors are not in the model, so neither DDP's gradient averaging nor the Trainer's
-    zeroing reaches them: average their gradients over the ranks before each optimizer step, and zero them after it
-    (inside the model, DeepSpeed's engine does both). The step also changed the student head, which the closed-form
-    s2t projector is computed from, unless the head is frozen (LoRA): then s2t is computed once."""
+    """Outside DeepSpeed the projectors are not in the model, so the Trainer's zeroing does not reach them: zero
+    their gradients after each optimizer step (an `_AverageGradients` averages them over the ranks before it; inside
+    the model, DeepSpeed's engine does both). The step also changed the student head, which the closed-form s2t
+    projector is computed from, unless the head is frozen (LoRA): then s2t is computed once."""
 
     def __init__(self, projectors: torch.nn.Module, head_trains: bool, in_model: bool):
         self.projectors, self.head_trains, self.in_model = projectors, head_trains, in_model
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if not self.in_model:
-            average_gradients_over_ranks(self.projectors.parameters())
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.head_trains and isinstance(self.projectors, DualSpaceProjectors):
