@@ -61,8 +61,7 @@ def mixture_signal(teachers: list, input_ids, attention_mask, supervised, routes
         hidden = torch.zeros(count, LMHead.of(teacher).weight.shape[1], device=input_ids.device)
         rows = slice(None) if routes is None else routes == index
         if routes is None or rows.any():
-            positions = slice(None) if routes is None else routes[rows_of_positions] == index
-            hidden[positions] = supervised_hidden_states(
+            hidden[weights[:, index] > 0] = supervised_hidden_states(
                 teacher, input_ids[rows], attention_mask[rows], supervised[rows]
             ).float()
         parts.append(hidden)
