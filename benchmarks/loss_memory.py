@@ -148,7 +148,7 @@ def run_worker(args, method: str, positions: int, vocab: int) -> dict:
 def compare(args, positions: int, vocab: int) -> dict:
     row = {
         "device": args.device, "dtype": args.dtype, "divergence": args.divergence, "with_ce": args.ce,
-        "vocab": vocab, "positions": positions, "chunk_size": args.chunk_size or default_chunk_size(vocab),
+        "vocab": vocab, "positions": positions, "chunk_size": args.chunk_size or default_chunk_size(vocab, args.device),
     }
     results = {method: run_worker(args, method, positions, vocab) for method in args.methods}
     reference = results.get("reference", {})

@@ -23,11 +23,14 @@ from .data import IGNORE_INDEX
 from .divergences import divergence_from_logprobs, validate_divergence
 from .models import LMHead
 
-# Default chunking: one chunk's [chunk, V] fp32 logits within 2**24 elements (64 MiB; 96 positions at V = 152k) and
-# at most 512 positions. A chunk holds a few such buffers at once (six for JSD), so this bounds the loss's extra
-# memory near 0.4 GB at any vocabulary; at V = 152k on CPU it costs 0-7% of the loss's time against 432 positions.
-DEFAULT_CHUNK_ELEMENTS = 2**24
-MAX_DEFAULT_CHUNK = 512
+# Default chunking: as many positions as keep one chunk's [chunk, V] fp32 logits within a budget of elements, a
+# multiple of 16 in [MIN_DEFAULT_CHUNK, MAX_DEFAULT_CHUNK]. A chunk holds a few such buffers at once (five for JSD).
+# On CPU the budget keeps each buffer under glibc's 32 MiB mmap ceiling: a larger one is a fresh mapping every chunk
+# (page faults, a resident-memory spike). There 32 positions at V = 152k (19 MiB) ran the loss as fast as 96 (58 MiB)
+# and cut the on-policy run's peak by ~12% (benchmarks/loss_memory.py, benchmarks/peers.py). Accelerators, whose
+# caching allocators reuse blocks, keep 64 MiB: larger matmuls, fewer passes over the head.
+CHUNK_ELEMENTS = {"cpu": 2**22, "accelerator": 2**24}
+MIN_DEFAULT_CHUNK, MAX_DEFAULT_CHUNK = 32, 512
 COMPILE_ENV = "LLMDISTILL_COMPILE"  # "0" runs the fkl/CE chunk terms eagerly on CUDA too
 
 
@@ -143,7 +146,7 @@ def distill_loss_from_hidden(
 def top1_from_hidden(hidden: torch.Tensor, head: torch.Tensor | LMHead, rows: int | None = None, chunk_size=None):
     """[N] argmax over the first `rows` ids (all by default) of `head` applied to `hidden`, chunk by chunk."""
     head = _as_head(head)
-    chunk_size = chunk_size or default_chunk_size(head.weight.shape[0])
+    chunk_size = chunk_size or default_chunk_size(head.weight.shape[0], head.weight.device)
     return torch.cat(
         [head.logits(hidden[start : start + chunk_size], rows).argmax(-1) for start in range(0, len(hidden), chunk_size)]
         or [torch.empty(0, dtype=torch.long, device=hidden.device)]
@@ -181,13 +184,14 @@ def _spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, kd
     shared_rows = vocab if teacher_head is None else min(vocab, teacher_head.weight.shape[0])
     return _Spec(
         divergence, divergence_params, temperature, kd_weight, ce_weight,
-        chunk_size or default_chunk_size(vocab), shared_rows, student_head.softcap, teacher_head,
+        chunk_size or default_chunk_size(vocab, student_head.weight.device), shared_rows, student_head.softcap, teacher_head,
     )
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """The largest multiple of 16 up to MAX_DEFAULT_CHUNK whose [chunk, V] logits fit DEFAULT_CHUNK_ELEMENTS."""
-    return min(MAX_DEFAULT_CHUNK, max(16, DEFAULT_CHUNK_ELEMENTS // vocab_size // 16 * 16))
+def default_chunk_size(vocab_size: int, device: torch.device | str) -> int:
+    """Positions per chunk for logits of `vocab_size` ids on `device` (see CHUNK_ELEMENTS)."""
+    budget = CHUNK_ELEMENTS["cpu" if torch.device(device).type == "cpu" else "accelerator"]
+    return min(MAX_DEFAULT_CHUNK, max(MIN_DEFAULT_CHUNK, budget // vocab_size // 16 * 16))
 
 
 def _check_inputs(student_hidden, student_head, teacher_hidden, teacher_head, labels) -> None:

@@ -286,7 +286,7 @@ def divergence_statistics(student_hidden: torch.Tensor, student_head, teacher_hi
     would have seen the same prefixes, so these are the JSDs it would have measured. Chunked over positions: a sixth
     of the loss's default chunk, since the plain JSD keeps about six times as many [chunk, V] buffers alive as the
     loss's closed form does per row (a logging step must not raise the run's peak memory)."""
-    chunk_size = chunk_size or max(1, default_chunk_size(student_head.weight.shape[0]) // 6)
+    chunk_size = chunk_size or max(1, default_chunk_size(student_head.weight.shape[0], student_hidden.device) // 6)
     divergence = torch.cat([
         jensen_shannon(*reversed(on_shared_ids(
             student_head.logits(student_hidden[start:start + chunk_size]),

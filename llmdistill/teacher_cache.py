@@ -233,7 +233,7 @@ class _ShardWriter:
 def _top_k(head: LMHead, hidden: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest log-probabilities at `temperature` [N, k] (computed in float64, kept in float32) and their ids,
     a chunk of positions at a time: a batch's [N, V] float64 logits would be gigabytes with a 152k vocabulary."""
-    chunk = default_chunk_size(head.weight.shape[0])
+    chunk = default_chunk_size(head.weight.shape[0], head.weight.device)
     values, ids = [], []
     for start in range(0, len(hidden), chunk):
         logprobs = torch.log_softmax(head.logits(hidden[start : start + chunk]).double() / temperature, dim=-1)

@@ -37,7 +37,7 @@ class MinEditDistanceKD:
         maps = self.teacher_to_student[teacher.targets[teacher_index]] == student.targets[student_index]
         teacher_index, student_index = teacher_index[maps], student_index[maps]
         unpaired = torch.ones_like(student.targets, dtype=torch.bool).index_fill_(0, student_index, False)
-        chunk = self.chunk_size or default_chunk_size(max(self.student_rows, len(self.teacher_to_student)))
+        chunk = self.chunk_size or default_chunk_size(max(self.student_rows, len(self.teacher_to_student)), student.hidden.device)
 
         def reindexed_kl(student_hidden, teacher_hidden):
             teacher_probs = torch.softmax(teacher.head.logits(teacher_hidden).float() / self.temperature, -1)

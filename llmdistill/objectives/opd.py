@@ -41,7 +41,7 @@ class SampledTokenOPD:
         """`labels` are the sampled tokens on generated responses (`on_policy`); on other batches (a mixed source's
         dataset draws, replays) the same estimator runs on their tokens, an off-policy estimate."""
         rows = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
-        chunk = self.chunk_size or default_chunk_size(rows)
+        chunk = self.chunk_size or default_chunk_size(rows, student_hidden.device)
         with torch.no_grad():
             teacher_logprobs = torch.cat([
                 self._token_logprobs(teacher_hidden[part], teacher_head, labels[part], rows)

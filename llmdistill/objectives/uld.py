@@ -51,7 +51,7 @@ class UniversalLogitKD:
         vocab = max(student.head.weight.shape[0], teacher.head.weight.shape[0])
         kd = checkpointed_chunk_sum(
             distance, student.hidden[student_index], teacher.hidden[teacher_index],
-            chunk_size=self.chunk_size or default_chunk_size(vocab),
+            chunk_size=self.chunk_size or default_chunk_size(vocab, student.hidden.device),
         )
         gold = gold_cross_entropy(student, ce_weight, self.chunk_size)
         return ObjectiveOutput(kd_weight * self.kd_scale * kd + gold.loss, gold.ce, kd.detach(), alignment_metrics(batch))
