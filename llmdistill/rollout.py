@@ -156,8 +156,9 @@ def _decode_speculatively(students, teachers, steps, noise, intervention, sampli
     the first position where the teacher writes a token in any row, every row's token there is final, the drafts
     after it are dropped and both KV caches are cut back to it. Each step's sampling noise is drawn once, in the
     token-by-token order, so a dropped draft is redrawn identically and the output equals token-by-token decoding for
-    the same generator (tested)."""
-    step, draft = 0, 2
+    the same generator (tested). The teacher reads each round's final token together with the next round's drafts,
+    one pass per round instead of two."""
+    step, draft, unread = 0, 2, []  # unread: the final token the teacher has not read yet ([B] ids), after round 1
     while step < sampling.max_new_tokens:
         width = min(draft, sampling.max_new_tokens - step)
         drafts, student_logits, student_hidden = [], [], []
@@ -168,9 +169,9 @@ def _decode_speculatively(students, teachers, steps, noise, intervention, sampli
             drafts.append(sample(logits, sampling, noise=noise.at(step + offset, logits)[0]))
             if offset < width - 1:
                 students.advance(drafts[-1][:, None])
-        teacher_logits, teacher_hidden = [teachers.logits], [teachers.hidden]
-        if width > 1:
-            scored = teachers.advance(torch.stack(drafts[:-1], dim=1))
+        teacher_logits, teacher_hidden = ([], []) if unread else ([teachers.logits], [teachers.hidden])
+        if unread or width > 1:
+            scored = teachers.advance(torch.stack(unread + drafts[:-1], dim=1))
             teacher_logits += scored.logits.float().unbind(1)
             teacher_hidden += scored.hidden_states[-1].unbind(1)
         for offset in range(width):
@@ -188,11 +189,12 @@ def _decode_speculatively(students, teachers, steps, noise, intervention, sampli
         draft = min(2 * draft, draft_tokens) if accepted == width and not steps.written[-1].any() else accepted
         step += accepted
         noise.release(step)
-        if all_finished:
+        if all_finished or step == sampling.max_new_tokens:
             return
         for decoder in (students, teachers):  # both have read drafts[:width - 1]; keep those still true
-            decoder.crop(width - 1 - (accepted - 1))
-            decoder.advance(steps.tokens[-1][:, None])
+            decoder.crop(width - accepted)
+        students.advance(steps.tokens[-1][:, None])
+        unread = [steps.tokens[-1]]
 
 
 class _Steps:

@@ -281,6 +281,27 @@ def test_speculative_decoding_writes_exactly_what_token_by_token_decoding_writes
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_speculative_decoding_runs_the_teacher_once_per_round(models, prompts):
+    """A student that is its own teacher is never overruled, so drafts of 2, 4, 8, 8 and 8 tokens make 30. The teacher
+    runs its prefill and then one pass per round, over the previous round's last token and the new drafts."""
+    model = models[0]
+    widths = []  # tokens read per forward call; one model object plays both parts
+    handle = model.register_forward_hook(
+        lambda module, args, kwargs, output: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        produced = rollout(model, model, *prompts, Intervention("switch"), Sampling(max_new_tokens=30), -1, PAD,
+                           torch.Generator().manual_seed(0), draft_tokens=8)
+    finally:
+        handle.remove()
+    assert not produced.teacher_written.any() and produced.response_mask.sum() == 3 * 30
+    prompt = prompts[0].shape[1]
+    # one-token calls: the student's drafting steps (1 + 3 + 7 + 7 + 7), its reads of each round's last token (4;
+    # none after the last round) and the teacher's first-round pass over its single draft
+    assert [width for width in widths if width > 1] == [prompt, prompt, 1 + 3, 1 + 7, 1 + 7, 1 + 7]
+    assert widths.count(1) == 25 + 4 + 1
+
+
 def test_speculative_decoding_with_padded_heads_writes_only_shared_ids(prompts):
     student = padded_past_the_tokenizer(tiny_llama(2 * VOCAB, seed=1))
     teacher = tiny_qwen2(VOCAB, seed=2).eval()
