@@ -5,10 +5,14 @@ finished sequences (what on-policy KD without intervention needs: `student.gener
 
     python benchmarks/rollout.py                     # batch 8, 64-token prompts, 128 new tokens
     python benchmarks/rollout.py --new-tokens 32     # quicker
+    python benchmarks/rollout.py --pair trained      # the quickstart's teacher and a student distilled from it
 
-Models are randomly initialised Llama-style decoders (student 4 layers × 256, teacher 8 layers × 512, vocabulary
-32,000); EOS is disabled so every row generates all new tokens. Prints one JSON line per measurement and writes
-benchmarks/results/rollout.md.
+`--pair random` (default): randomly initialised Llama-style decoders (student 4 layers × 256, teacher 8 layers × 512,
+vocabulary 32,000) on random prompts; they disagree almost everywhere. `--pair trained`: the quickstart's embedded
+teacher and a student distilled from it (KD from the teacher's embeddings, `--student-steps` steps, trained once into
+`--work-dir` and reused), on held-out prompts whose references are longer than the new tokens; they mostly agree, the
+case speculation is for. EOS is disabled so every row generates all new tokens. Prints one JSON line and writes
+benchmarks/results/rollout.md (rollout_trained.md for the trained pair).
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llmdistill.rollout import Intervention, Sampling, jensen_shannon, rollout, sample
 
-RESULTS = Path(__file__).parent / "results" / "rollout.md"
+RESULTS = Path(__file__).parent / "results"
 NO_EOS = -1
+LONG_SUBTASKS = ("count", "multiples")  # the quickstart sub-tasks with the longest responses
 
 
 def model(hidden: int, layers: int, vocab: int, seed: int) -> LlamaForCausalLM:
@@ -36,6 +42,43 @@ def model(hidden: int, layers: int, vocab: int, seed: int) -> LlamaForCausalLM:
         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=1024,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def random_pair(args):
+    """Random Llama-style models over a 32k vocabulary and random prompts: (student, teacher, ids, mask, label)."""
+    student, teacher = model(256, 4, 32_000, seed=0), model(512, 8, 32_000, seed=1)
+    ids = torch.randint(3, 32_000, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    label = (f"Student: Llama 4 × 256, teacher: Llama 8 × 512, vocabulary 32,000, random weights, {args.prompt_tokens}"
+             "-token random prompts")
+    return student, teacher, ids, torch.ones_like(ids), label
+
+
+def trained_pair(args):
+    """The quickstart's embedded teacher, a student distilled from it, and `args.batch` held-out prompts whose
+    references are longer than `args.new_tokens` tokens, left-padded: (student, teacher, ids, mask, label)."""
+    from llmdistill.quickstart.run import DEFAULT, Students, Task, TrainingRun
+    from llmdistill.quickstart.task import is_held_out, make_examples
+
+    task = Task.prepare(args.work_dir, seed=0)
+    student_dir = args.work_dir / f"student-kd-{args.student_steps}"
+    if not (student_dir / "config.json").is_file():
+        students = Students(task)
+        init = students.initialisation(args.work_dir / "student-init", 0, teacher_embeddings=True)
+        run = TrainingRun("vanilla", args.student_steps, DEFAULT.student_learning_rate, DEFAULT.batch_size)
+        students.train(student_dir, init, run, 0)
+    tokenizer = task.teacher_tokenizer
+    tokenizer.padding_side = "left"
+    long_rows = [row for row in make_examples(4000, seed=1, subtasks=LONG_SUBTASKS)
+                 if is_held_out(row["prompt"]) and len(tokenizer(row["response"])["input_ids"]) > args.new_tokens]
+    if len(long_rows) < args.batch:
+        sys.exit(f"--new-tokens {args.new_tokens}: only {len(long_rows)} held-out prompts have longer references; "
+                 "lower it")
+    prompts = tokenizer([row["prompt"] for row in long_rows[: args.batch]], return_tensors="pt", padding=True)
+    student, teacher = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (student_dir, task.teacher_dir))
+    label = (f"Teacher: the quickstart's embedded teacher (Llama 3 × 128, vocabulary {len(tokenizer)}); student: Llama "
+             f"2 × 64 distilled from it ({args.student_steps} KD steps from the teacher's embeddings); held-out "
+             f"{'/'.join(LONG_SUBTASKS)} prompts whose references exceed {args.new_tokens} tokens")
+    return student, teacher, prompts["input_ids"], prompts["attention_mask"], label
 
 
 @torch.no_grad()
@@ -54,6 +97,20 @@ def naive_switch(student, teacher, ids, mask, intervention: Intervention, sampli
     return ids
 
 
+def forward_calls(run, student, teacher) -> tuple[int, int]:
+    """(student, teacher) forward calls made by one `run()`: on large models each teacher call is what speculation
+    saves, whatever these small models' per-call overheads are."""
+    counts = [0, 0]
+    hooks = [model.register_forward_hook(lambda *_, which=which: counts.__setitem__(which, counts[which] + 1))
+             for which, model in enumerate((student, teacher))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts[0], counts[1]
+
+
 def timed(run, repeats: int):
     best, result = float("inf"), None
     for _ in range(repeats):
@@ -65,33 +122,40 @@ def timed(run, repeats: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", choices=["random", "trained"], default="random")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="random pair: prompt length")
+    parser.add_argument("--new-tokens", type=int, help="default 128 (random pair), 48 (trained pair)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--draft-tokens", type=int, default=8, help="speculative SWITCH: most tokens per draft")
     parser.add_argument("--tau0", type=float, default=0.3, help="SWITCH threshold τ0 (λ = 0.1, exp)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--student-steps", type=int, default=1000, help="trained pair: the student's KD steps")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/rollout-trained"), help="trained pair: its models")
+    parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    vocab = 32_000
-    student, teacher = model(256, 4, vocab, seed=0), model(512, 8, vocab, seed=1)
-    ids = torch.randint(3, vocab, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
+    args.new_tokens = args.new_tokens or (128 if args.pair == "random" else 48)
+    args.output = args.output or RESULTS / ("rollout.md" if args.pair == "random" else "rollout_trained.md")
+    student, teacher, ids, mask, args.label = (random_pair if args.pair == "random" else trained_pair)(args)
+    vocab = student.config.vocab_size
     sampling = Sampling(max_new_tokens=args.new_tokens, temperature=1.0)
-    switch = Intervention(rule="switch", switch_tau0=args.tau0, switch_decay=0.1)
+    rules = {"switch": Intervention(rule="switch", switch_tau0=args.tau0, switch_decay=0.1),
+             "skd": Intervention(rule="skd")}
 
     def engine(rule: Intervention, draft_tokens: int = 0):
         return lambda: rollout(student, teacher, ids, mask, rule, sampling, NO_EOS, 0, torch.Generator().manual_seed(1),
                                draft_tokens=draft_tokens)
 
-    seconds = {}
-    seconds["engine_switch"], produced = timed(engine(switch), args.repeats)
-    seconds["speculative_switch"], speculative = timed(engine(switch, args.draft_tokens), args.repeats)
-    assert torch.equal(produced.sequences, speculative.sequences), "speculative decoding changed the tokens"
+    seconds, produced, calls = {}, {}, {}
+    for name, rule in rules.items():
+        seconds[f"engine_{name}"], produced[name] = timed(engine(rule), args.repeats)
+        seconds[f"speculative_{name}"], speculative = timed(engine(rule, args.draft_tokens), args.repeats)
+        assert torch.equal(produced[name].sequences, speculative.sequences), f"speculative {name} changed the tokens"
+        for mode, draft_tokens in ((f"engine_{name}", 0), (f"speculative_{name}", args.draft_tokens)):
+            calls[mode] = forward_calls(engine(rule, draft_tokens), student, teacher)
     seconds["naive_switch"], naive = timed(
-        lambda: naive_switch(student, teacher, ids, mask, switch, sampling, torch.Generator().manual_seed(1)), 1
+        lambda: naive_switch(student, teacher, ids, mask, rules["switch"], sampling, torch.Generator().manual_seed(1)), 1
     )
-    assert torch.equal(produced.sequences, naive), "the engine and the recomputation produced different tokens"
+    assert torch.equal(produced["switch"].sequences, naive), "the engine and the recomputation produced different tokens"
     seconds["student_generate"], plain = timed(
         lambda: student.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
@@ -100,21 +164,26 @@ def main() -> None:
         args.repeats,
     )
     seconds["teacher_pass"], _ = timed(
-        lambda: teacher(input_ids=plain, attention_mask=torch.ones_like(plain), output_hidden_states=True,
-                        logits_to_keep=1),
+        lambda: teacher(input_ids=plain, attention_mask=torch.cat([mask, torch.ones_like(plain[:, ids.shape[1]:])], 1),
+                        output_hidden_states=True, logits_to_keep=1),
         args.repeats,
     )
+    baseline = seconds["student_generate"] + seconds["teacher_pass"]
     tokens = args.batch * args.new_tokens
+    switch = produced["switch"]
     rows = {
         "new_tokens_per_s": {name: tokens / spent for name, spent in seconds.items() if name != "teacher_pass"},
         "speedup_vs_naive": seconds["naive_switch"] / seconds["engine_switch"],
-        "switch_vs_student_plus_teacher_pass": seconds["engine_switch"]
-        / (seconds["student_generate"] + seconds["teacher_pass"]),
-        "speculative_vs_student_plus_teacher_pass": seconds["speculative_switch"]
-        / (seconds["student_generate"] + seconds["teacher_pass"]),
-        "teacher_written_fraction": produced.teacher_written.float().mean().item(),
-        "kd_target_mib": produced.teacher_hidden.numel() * produced.teacher_hidden.element_size() / 2**20,
-        "logits_mib": produced.response_mask.numel() * vocab * 4 / 2**20,
+        "vs_student_plus_teacher_pass": {
+            name: seconds[name] / baseline for name in seconds if name.startswith(("engine_", "speculative_"))
+        },
+        "teacher_written_fraction": {name: out.teacher_written.float().mean().item() for name, out in produced.items()},
+        "forward_calls_per_new_token": {  # per row-step: the batch shares every call
+            mode: {"student": student_calls / args.new_tokens, "teacher": teacher_calls / args.new_tokens}
+            for mode, (student_calls, teacher_calls) in calls.items()
+        },
+        "kd_target_mib": switch.teacher_hidden.numel() * switch.teacher_hidden.element_size() / 2**20,
+        "logits_mib": switch.response_mask.numel() * vocab * 4 / 2**20,
         "teacher_pass_share": seconds["teacher_pass"] / seconds["engine_switch"],
         "seconds": seconds,
     }
@@ -124,28 +193,33 @@ def main() -> None:
 
 def write(rows: dict, args) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    rates = rows["new_tokens_per_s"]
+    rates, ratios, written = rows["new_tokens_per_s"], rows["vs_student_plus_teacher_pass"], rows["teacher_written_fraction"]
     lines = [
-        "# SWITCH rollout: KV-cached engine vs recomputation",
+        "# SWITCH and SKD rollouts: KV-cached engine, speculation, recomputation",
         "",
-        f"`python benchmarks/rollout.py --batch {args.batch} --prompt-tokens {args.prompt_tokens} --new-tokens "
-        f"{args.new_tokens} --tau0 {args.tau0}` on {machine}. Student: Llama 4 × 256, teacher: Llama 8 × 512, "
-        f"vocabulary 32,000, random weights, sampling at temperature 1, SWITCH τ0 = {args.tau0}, λ = 0.1 (exp); every "
-        "loop produces the same tokens (asserted).",
+        f"`python benchmarks/rollout.py --pair {args.pair} --batch {args.batch} --new-tokens {args.new_tokens} --tau0 "
+        f"{args.tau0} --draft-tokens {args.draft_tokens}` on {machine}. {args.label}. Sampling at temperature 1, EOS "
+        f"disabled; SWITCH τ0 = {args.tau0}, λ = 0.1 (exp); SKD top-25. Token by token and speculative produce the "
+        "same tokens, and the engine the same as recomputation (asserted). Ratios are to a plain student rollout "
+        "(`student.generate`) plus one teacher pass over its output.",
         "",
         "| measurement | value |",
         "|---|---|",
-        f"| SWITCH, engine (both KV caches) | {rates['engine_switch']:.0f} new tokens/s |",
-        f"| SWITCH, naive recomputation of both models | {rates['naive_switch']:.0f} new tokens/s |",
-        f"| speed-up of the engine | **{rows['speedup_vs_naive']:.1f}×** |",
         f"| student-only sampling (`student.generate`, KV cache) | {rates['student_generate']:.0f} new tokens/s |",
-        f"| SWITCH ÷ (student rollout + one teacher pass over the sequences) | **{rows['switch_vs_student_plus_teacher_pass']:.2f}** |",
-        f"| speculative SWITCH (drafts of up to {args.draft_tokens}; same tokens, asserted) | "
-        f"{rates['speculative_switch']:.0f} new tokens/s |",
-        f"| speculative SWITCH ÷ (student rollout + one teacher pass) | "
-        f"**{rows['speculative_vs_student_plus_teacher_pass']:.2f}** |",
-        f"| teacher-written fraction | {rows['teacher_written_fraction']:.2f} |",
-        f"| KD target kept by the rollout: the teacher's hidden states [B, T, D] | {rows['kd_target_mib']:.1f} MiB |",
+        f"| SWITCH, naive recomputation of both models | {rates['naive_switch']:.0f} new tokens/s |",
+        f"| speed-up of the engine over recomputation | **{rows['speedup_vs_naive']:.1f}×** |",
+    ]
+    calls = rows["forward_calls_per_new_token"]
+    for name, title in (("switch", "SWITCH"), ("skd", "SKD")):
+        lines.append(f"| {title}: teacher-written fraction | {written[name]:.2f} |")
+        for mode, how in ((f"engine_{name}", "token by token"),
+                          (f"speculative_{name}", f"speculative (drafts of up to {args.draft_tokens})")):
+            lines.append(
+                f"| {title}, {how} | {rates[mode]:.0f} new tokens/s, **{ratios[mode]:.2f}×**; forward calls per new "
+                f"token: student {calls[mode]['student']:.2f}, teacher {calls[mode]['teacher']:.2f} |"
+            )
+    lines += [
+        f"| KD target kept by the SWITCH rollout: the teacher's hidden states [B, T, D] | {rows['kd_target_mib']:.1f} MiB |",
         f"| the same target as fp32 logits [B, T, V] | {rows['logits_mib']:.0f} MiB |",
         f"| teacher pass over the sequences that keeping the target saves, ÷ SWITCH rollout time | "
         f"{rows['teacher_pass_share']:.2f} |",
