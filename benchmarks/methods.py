@@ -56,15 +56,21 @@ class Method:
     source: str = "gt"
     cross_tokenizer: bool = False
     teacher_embeddings: bool = False  # the student starts from the teacher's embeddings (principal projection)
+    temperature: float = 1.0
+    alpha_kd: float = 0.5
 
 
 METHODS = (
     Method("SFT", "sft"),
     *(Method(f"KD ({divergence})", "vanilla", divergence) for divergence in DIVERGENCES),
+    Method("KD (fkl, τ = 2)", "vanilla", temperature=2.0),  # the DSKD scripts' temperature, no τ² factor
+    Method("KD (fkl, α = 1)", "vanilla", alpha_kd=1.0),  # no CE on the references (a fifth carry a typo)
     Method("DSKD", "dskd"),
     Method("SFT, teacher-embedding init", "sft", teacher_embeddings=True),
     Method("KD (fkl), teacher-embedding init", "vanilla", teacher_embeddings=True),
     Method("DSKD, teacher-embedding init", "dskd", teacher_embeddings=True),
+    Method("KD (fkl, τ = 2), teacher-embedding init", "vanilla", teacher_embeddings=True, temperature=2.0),
+    Method("KD (fkl, α = 1), teacher-embedding init", "vanilla", teacher_embeddings=True, alpha_kd=1.0),
     Method("SeqKD", "vanilla", source="teacher"),
     Method("on-policy KD (student only)", "vanilla", source="student"),
     Method("GKD", "vanilla", "jsd", "mixed"),
@@ -81,11 +87,18 @@ METHODS = (
 # The papers' claims, each as (claim, the method claimed better, the one it is compared with, metrics).
 CLAIMS = (
     ("KD > SFT", "KD (fkl)", "SFT", ("exact_match", "gold_ce")),
+    ("KD with softened targets (τ = 2) > SFT", "KD (fkl, τ = 2)", "SFT", ("exact_match", "gold_ce")),
+    ("KD with softened targets (τ = 2) > SFT, teacher-embedding init", "KD (fkl, τ = 2), teacher-embedding init",
+     "SFT, teacher-embedding init", ("exact_match", "gold_ce")),
+    ("KD without the noisy references' CE (α = 1) > SFT", "KD (fkl, α = 1)", "SFT", ("exact_match", "gold_ce")),
+    ("KD without the noisy references' CE (α = 1) > SFT, teacher-embedding init",
+     "KD (fkl, α = 1), teacher-embedding init", "SFT, teacher-embedding init", ("exact_match", "gold_ce")),
     ("DSKD > vanilla KD (DSKD paper)", "DSKD", "KD (fkl)", ("exact_match", "gold_ce")),
     ("DSKD > vanilla KD, teacher-embedding init (DSKD paper)", "DSKD, teacher-embedding init",
      "KD (fkl), teacher-embedding init",
      ("exact_match", "gold_ce")),
     ("on-policy > off-policy KD (GKD paper)", "GKD", "KD (fkl)", ("exact_match", "gold_ce")),
+    ("on-policy KD > SFT (GKD paper)", "GKD", "SFT", ("exact_match", "gold_ce")),
     ("on-policy > off-policy KD (DistiLLM paper)", "DistiLLM", "KD (fkl)", ("exact_match", "gold_ce")),
     ("SWITCH > student-only on-policy (SWITCH paper)", "SWITCH", "on-policy KD (student only)",
      ("exact_match", "long_rouge_l", "gold_ce")),
@@ -118,6 +131,8 @@ def main() -> None:
     settings = SMOKE if args.smoke else QUICK if args.quick else DEFAULT
     if args.student_steps:
         settings = dataclasses.replace(settings, student_steps=args.student_steps)
+    if args.n_train:
+        settings = dataclasses.replace(settings, n_train=args.n_train)
     seeds = args.seeds or ([0] if args.quick or args.smoke else [0, 1, 2])
     sampling_seeds = tuple(args.sampling_seeds or (PAPER_SEEDS[:1] if args.quick or args.smoke else PAPER_SEEDS))
     methods = [method for method in METHODS if not args.methods or method.name in args.methods]
@@ -146,6 +161,7 @@ def _parse_args() -> argparse.Namespace:
                         "--quick)")
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table)")
     parser.add_argument("--student-steps", type=int, help="steps per student (default: the quickstart's 300)")
+    parser.add_argument("--n-train", type=int, help="labelled training rows (default: the quickstart's 3,000)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel students")
     parser.add_argument("--output-dir", type=Path, help="default runs/methods (runs/methods-quick with --quick)")
     parser.add_argument("--results", type=Path,
@@ -170,7 +186,8 @@ def _jobs(task: Task, methods: list[Method], seeds: list[int], sampling_seeds: t
         }
         for method in methods:
             run = TrainingRun(method.objective, settings.student_steps, settings.student_learning_rate,
-                              settings.batch_size, method.source, settings.max_new_tokens, method.divergence)
+                              settings.batch_size, method.source, settings.max_new_tokens, method.divergence,
+                              method.temperature, method.alpha_kd)
             group = students[method.cross_tokenizer]
             directory = group.directory / f"seed{seed}" / _slug(method.name)
             init = inits[method.cross_tokenizer, method.teacher_embeddings]
@@ -236,13 +253,14 @@ def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall)
         "# Every method on the quickstart task",
         "",
         f"`python benchmarks/methods.py {flags}`".replace(" `", "`") + f": seeds {seeds} (mean ± std over "
-        f"seeds), {settings.student_steps} steps per student, batch {settings.batch_size}; {args.workers} worker "
+        f"seeds), {settings.n_train:,} training rows, {settings.student_steps} steps per student, batch "
+        f"{settings.batch_size}; {args.workers} worker "
         f"processes, one thread each; {_timing(runs, wall)}. Sampled ROUGE-L: the papers' protocol over "
         f"sampling seeds {list(sampling_seeds)}.",
         "",
         "Every student: same initialisation per seed, same steps and data order, alpha_kd 0.5 (CE on the dataset's",
-        "responses), each method with its paper's divergence: forward KL unless named (GKD: generalized JSD β = 0.5;",
-        "DistiLLM: skew KL α = 0.1). Generating sources sample at temperature 1, up to "
+        "responses) and temperature 1 unless the name says otherwise (\"α = 1\": alpha_kd 1, KD only), each method with its paper's divergence: forward",
+        "KL unless named (GKD: generalized JSD β = 0.5; DistiLLM: skew KL α = 0.1). Generating sources sample at temperature 1, up to "
         f"{settings.max_new_tokens} new tokens: SeqKD (the",
         "teacher writes), GKD (the student, λ = 0.5), DistiLLM (adaptive schedule, replay buffer), SKD (top-25),",
         "SWITCH (τ0 = 0.3, λ = 0.1, exp). KL and top-1 agreement per response token on the held-out references",

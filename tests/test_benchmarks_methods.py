@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from conftest import needs_shared_data
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-METHODS = ["SFT", "KD (fkl)", "DSKD", "DSKD, teacher-embedding init", "SWITCH", "SFT, own tokenizer", "DSKD-ETA"]
+METHODS = ["SFT", "KD (fkl)", "KD (fkl, τ = 2)", "KD (fkl, α = 1)", "DSKD", "DSKD, teacher-embedding init", "SWITCH",
+           "SFT, own tokenizer", "DSKD-ETA"]
 
 
 def _run(script: str, *arguments: str) -> str:
@@ -33,6 +36,9 @@ def test_methods_benchmark_tables_every_method_it_trains_and_real_data_evaluates
     assert "t2s accuracy at the end of training: DSKD " in table
     assert "time per step vs SFT |" in table and "time per step vs SFT, own tokenizer |" in table
     assert (tmp_path / "methods.png").stat().st_size > 10_000
+    trained_with = {name: yaml.safe_load((tmp_path / "seed0" / name / "distill_config.yaml").read_text())
+                    for name in ("kd-fkl", "kd-fkl-τ--2", "kd-fkl-α--1")}
+    assert [(c["temperature"], c["alpha_kd"]) for c in trained_with.values()] == [(1.0, 0.5), (2.0, 0.5), (1.0, 1.0)]
 
     _run("real_data.py", "--models-dir", str(tmp_path), "--limit", "1", "--seeds", "10", "--workers", "1",
          "--results", str(tmp_path / "real_data.md"))

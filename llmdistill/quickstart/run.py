@@ -71,6 +71,8 @@ class TrainingRun:
     source: str = "gt"
     max_new_tokens: int = 128
     divergence: str = "fkl"
+    temperature: float = 1.0
+    alpha_kd: float = 0.5
 
 
 def run_quickstart(
@@ -318,8 +320,9 @@ def _train(
     config = DistillConfig(
         output_dir=str(directory),
         objective=run.objective,
-        alpha_kd=0.5,
+        alpha_kd=run.alpha_kd,
         divergence=run.divergence,
+        temperature=run.temperature,
         student_model_name_or_path=str(student_dir),
         teacher_model_name_or_path=str(teacher_dir) if teacher_dir else None,
         max_steps=run.steps,
