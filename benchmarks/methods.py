@@ -22,7 +22,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -248,11 +250,10 @@ def _teacher_scores(task: Task, sampling_seeds: tuple[int, ...]) -> dict:
 def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall) -> list[str]:
     same = [method.name for method in methods if not method.cross_tokenizer]
     cross = [method.name for method in methods if method.cross_tokenizer]
-    flags = "--quick" if args.quick else "--smoke" if args.smoke else ""
     lines = [
         "# Every method on the quickstart task",
         "",
-        f"`python benchmarks/methods.py {flags}`".replace(" `", "`") + f": seeds {seeds} (mean ± std over "
+        f"`{shlex.join(['python', 'benchmarks/methods.py', *sys.argv[1:]])}`: seeds {seeds} (mean ± std over "
         f"seeds), {settings.n_train:,} training rows, {settings.student_steps} steps per student, batch "
         f"{settings.batch_size}; {args.workers} worker "
         f"processes, one thread each; {_timing(runs, wall)}. Sampled ROUGE-L: the papers' protocol over "
