@@ -58,8 +58,8 @@ class Method:
     source: str = "gt"
     cross_tokenizer: bool = False
     teacher_embeddings: bool = False  # the student starts from the teacher's embeddings (principal projection)
-    temperature: float = 1.0
-    alpha_kd: float = 0.5
+    temperature: float = TrainingRun.temperature  # the quickstart's, unless the method names another
+    alpha_kd: float = TrainingRun.alpha_kd
 
 
 METHODS = (
@@ -260,10 +260,10 @@ def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall)
         f"sampling seeds {list(sampling_seeds)}.",
         "",
         "Every student: same initialisation per seed, same steps and data order, alpha_kd 0.5 (CE on the dataset's",
-        "responses) and temperature 1 unless the name says otherwise (\"α = 1\": alpha_kd 1, KD only), each method with its paper's divergence: forward",
-        "KL unless named (GKD: generalized JSD β = 0.5; DistiLLM: skew KL α = 0.1). Generating sources sample at temperature 1, up to "
-        f"{settings.max_new_tokens} new tokens: SeqKD (the",
-        "teacher writes), GKD (the student, λ = 0.5), DistiLLM (adaptive schedule, replay buffer), SKD (top-25),",
+        "responses) and temperature 1 unless its name says otherwise (\"α = 1\": alpha_kd 1, KD only), each method",
+        "with its paper's divergence: forward KL unless named (GKD: generalized JSD β = 0.5; DistiLLM: skew KL",
+        f"α = 0.1). Generating sources sample at temperature 1, up to {settings.max_new_tokens} new tokens: SeqKD",
+        "(the teacher writes), GKD (the student, λ = 0.5), DistiLLM (adaptive schedule, replay buffer), SKD (top-25),",
         "SWITCH (τ0 = 0.3, λ = 0.1, exp). KL and top-1 agreement per response token on the held-out references",
         "(cross-tokenizer: at ETA-aligned positions over the shared vocabulary); exact match and ROUGE-L on greedy",
         "responses. Time per step relative to SFT with the same tokenizer, within each seed's run.",

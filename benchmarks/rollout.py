@@ -48,8 +48,8 @@ def random_pair(args):
     """Random Llama-style models over a 32k vocabulary and random prompts: (student, teacher, ids, mask, label)."""
     student, teacher = model(256, 4, 32_000, seed=0), model(512, 8, 32_000, seed=1)
     ids = torch.randint(3, 32_000, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    label = (f"Student: Llama 4 × 256, teacher: Llama 8 × 512, vocabulary 32,000, random weights, {args.prompt_tokens}"
-             "-token random prompts")
+    label = ("Student: Llama 4 × 256, teacher: Llama 8 × 512, vocabulary 32,000, random weights, "
+             f"{args.prompt_tokens}-token random prompts")
     return student, teacher, ids, torch.ones_like(ids), label
 
 
@@ -75,8 +75,8 @@ def trained_pair(args):
                  "lower it")
     prompts = tokenizer([row["prompt"] for row in long_rows[: args.batch]], return_tensors="pt", padding=True)
     student, teacher = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (student_dir, task.teacher_dir))
-    label = (f"Teacher: the quickstart's embedded teacher (Llama 3 × 128, vocabulary {len(tokenizer)}); student: Llama "
-             f"2 × 64 distilled from it ({args.student_steps} KD steps from the teacher's embeddings); held-out "
+    label = (f"Teacher: the quickstart's embedded teacher (Llama 3 × 128, vocabulary {len(tokenizer)}); student: "
+             f"Llama 2 × 64 distilled from it ({args.student_steps} KD steps from the teacher's embeddings); held-out "
              f"{'/'.join(LONG_SUBTASKS)} prompts whose references exceed {args.new_tokens} tokens")
     return student, teacher, prompts["input_ids"], prompts["attention_mask"], label
 
@@ -153,9 +153,10 @@ def main() -> None:
         for mode, draft_tokens in ((f"engine_{name}", 0), (f"speculative_{name}", args.draft_tokens)):
             calls[mode] = forward_calls(engine(rule, draft_tokens), student, teacher)
     seconds["naive_switch"], naive = timed(
-        lambda: naive_switch(student, teacher, ids, mask, rules["switch"], sampling, torch.Generator().manual_seed(1)), 1
+        lambda: naive_switch(student, teacher, ids, mask, rules["switch"], sampling, torch.Generator().manual_seed(1)),
+        1,
     )
-    assert torch.equal(produced["switch"].sequences, naive), "the engine and the recomputation produced different tokens"
+    assert torch.equal(produced["switch"].sequences, naive), "the engine and the recomputation made different tokens"
     seconds["student_generate"], plain = timed(
         lambda: student.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
@@ -193,7 +194,8 @@ def main() -> None:
 
 def write(rows: dict, args) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    rates, ratios, written = rows["new_tokens_per_s"], rows["vs_student_plus_teacher_pass"], rows["teacher_written_fraction"]
+    rates, ratios = rows["new_tokens_per_s"], rows["vs_student_plus_teacher_pass"]
+    written, calls = rows["teacher_written_fraction"], rows["forward_calls_per_new_token"]
     lines = [
         "# SWITCH and SKD rollouts: KV-cached engine, speculation, recomputation",
         "",
@@ -209,7 +211,6 @@ def write(rows: dict, args) -> None:
         f"| SWITCH, naive recomputation of both models | {rates['naive_switch']:.0f} new tokens/s |",
         f"| speed-up of the engine over recomputation | **{rows['speedup_vs_naive']:.1f}×** |",
     ]
-    calls = rows["forward_calls_per_new_token"]
     for name, title in (("switch", "SWITCH"), ("skd", "SKD")):
         lines.append(f"| {title}: teacher-written fraction | {written[name]:.2f} |")
         for mode, how in ((f"engine_{name}", "token by token"),
@@ -219,7 +220,8 @@ def write(rows: dict, args) -> None:
                 f"token: student {calls[mode]['student']:.2f}, teacher {calls[mode]['teacher']:.2f} |"
             )
     lines += [
-        f"| KD target kept by the SWITCH rollout: the teacher's hidden states [B, T, D] | {rows['kd_target_mib']:.1f} MiB |",
+        f"| KD target kept by the SWITCH rollout: the teacher's hidden states [B, T, D] | "
+        f"{rows['kd_target_mib']:.1f} MiB |",
         f"| the same target as fp32 logits [B, T, V] | {rows['logits_mib']:.0f} MiB |",
         f"| teacher pass over the sequences that keeping the target saves, ÷ SWITCH rollout time | "
         f"{rows['teacher_pass_share']:.2f} |",
