@@ -45,7 +45,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "methods.md"
 QUICK = dataclasses.replace(DEFAULT, student_steps=60)
 COLUMNS = (
-    *METRICS[:4], ("gold_ce", "held-out CE ↓", "{:.3f}"), ("long_rouge_l", "ROUGE-L, long ↑", "{:.1f}"),
+    *METRICS[:2], ("correct", "correct % ↑", "{:.1f}"), *METRICS[2:4], ("gold_ce", "held-out CE ↓", "{:.3f}"),
+    ("gold_ce_open", "held-out CE, open-ended ↓", "{:.3f}"), ("long_rouge_l", "ROUGE-L, long ↑", "{:.1f}"),
     ("sampled_rouge_l", "ROUGE-L, sampled ↑", "{:.1f}"), METRICS[4],
 )
 
@@ -88,26 +89,26 @@ METHODS = (
 )
 # The papers' claims, each as (claim, the method claimed better, the one it is compared with, metrics).
 CLAIMS = (
-    ("KD > SFT", "KD (fkl)", "SFT", ("exact_match", "gold_ce")),
-    ("KD with softened targets (τ = 2) > SFT", "KD (fkl, τ = 2)", "SFT", ("exact_match", "gold_ce")),
+    ("KD > SFT", "KD (fkl)", "SFT", ("correct", "gold_ce", "gold_ce_open")),
+    ("KD with softened targets (τ = 2) > SFT", "KD (fkl, τ = 2)", "SFT", ("correct", "gold_ce", "gold_ce_open")),
     ("KD with softened targets (τ = 2) > SFT, teacher-embedding init", "KD (fkl, τ = 2), teacher-embedding init",
-     "SFT, teacher-embedding init", ("exact_match", "gold_ce")),
-    ("KD without the noisy references' CE (α = 1) > SFT", "KD (fkl, α = 1)", "SFT", ("exact_match", "gold_ce")),
+     "SFT, teacher-embedding init", ("correct", "gold_ce", "gold_ce_open")),
+    ("KD without the noisy references' CE (α = 1) > SFT", "KD (fkl, α = 1)", "SFT", ("correct", "gold_ce", "gold_ce_open")),
     ("KD without the noisy references' CE (α = 1) > SFT, teacher-embedding init",
-     "KD (fkl, α = 1), teacher-embedding init", "SFT, teacher-embedding init", ("exact_match", "gold_ce")),
-    ("DSKD > vanilla KD (DSKD paper)", "DSKD", "KD (fkl)", ("exact_match", "gold_ce")),
+     "KD (fkl, α = 1), teacher-embedding init", "SFT, teacher-embedding init", ("correct", "gold_ce", "gold_ce_open")),
+    ("DSKD > vanilla KD (DSKD paper)", "DSKD", "KD (fkl)", ("correct", "gold_ce", "gold_ce_open")),
     ("DSKD > vanilla KD, teacher-embedding init (DSKD paper)", "DSKD, teacher-embedding init",
      "KD (fkl), teacher-embedding init",
-     ("exact_match", "gold_ce")),
-    ("on-policy > off-policy KD (GKD paper)", "GKD", "KD (fkl)", ("exact_match", "gold_ce")),
-    ("on-policy KD > SFT (GKD paper)", "GKD", "SFT", ("exact_match", "gold_ce")),
-    ("on-policy > off-policy KD (DistiLLM paper)", "DistiLLM", "KD (fkl)", ("exact_match", "gold_ce")),
+     ("correct", "gold_ce", "gold_ce_open")),
+    ("on-policy > off-policy KD (GKD paper)", "GKD", "KD (fkl)", ("correct", "gold_ce", "gold_ce_open")),
+    ("on-policy KD > SFT (GKD paper)", "GKD", "SFT", ("correct", "gold_ce", "gold_ce_open")),
+    ("on-policy > off-policy KD (DistiLLM paper)", "DistiLLM", "KD (fkl)", ("correct", "gold_ce", "gold_ce_open")),
     ("SWITCH > student-only on-policy (SWITCH paper)", "SWITCH", "on-policy KD (student only)",
-     ("exact_match", "long_rouge_l", "gold_ce")),
-    *((f"DSKD-ETA > {other} (DSKDv2 paper)", "DSKD-ETA", other, ("exact_match", "gold_ce"))
+     ("correct", "long_rouge_l", "gold_ce", "gold_ce_open")),
+    *((f"DSKD-ETA > {other} (DSKDv2 paper)", "DSKD-ETA", other, ("correct", "gold_ce", "gold_ce_open"))
       for other in ("ULD", "MinED", "CMA (DSKD v1)")),
 )
-LOWER_IS_BETTER = {"gold_ce", "teacher_student_kl"}
+LOWER_IS_BETTER = {"gold_ce", "gold_ce_open", "teacher_student_kl"}
 # Relative time per step by source (measured): the pool starts the longest jobs first.
 COST = {"gt": 1, "adaptive": 2, "mixed": 3, "teacher": 3, "student": 4, "skd": 4, "switch": 4}
 
@@ -226,7 +227,7 @@ def train_and_score(job: Job) -> dict:
     student = AutoModelForCausalLM.from_pretrained(job.directory)
     row = _scores(student, job.students.tokenizer, task, job.sampling_seeds)
     row |= job.students.fidelity(teacher)(student) | training_summary(history)
-    row["gold_ce"] = job.students.gold_ce(student)
+    row |= job.students.gold_ce(student)
     row["job_seconds"] = time.perf_counter() - started
     saved.write_text(json.dumps({"fingerprint": job.fingerprint(), "row": row}))
     return row
@@ -244,7 +245,7 @@ def _scores(model, tokenizer, task: Task, sampling_seeds: tuple[int, ...]) -> di
 
 def _teacher_scores(task: Task, sampling_seeds: tuple[int, ...]) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir)
-    return _scores(teacher, task.teacher_tokenizer, task, sampling_seeds) | {"gold_ce": teacher_gold_ce(task, teacher)}
+    return _scores(teacher, task.teacher_tokenizer, task, sampling_seeds) | teacher_gold_ce(task, teacher)
 
 
 def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall) -> list[str]:
@@ -283,9 +284,11 @@ def _report(args, methods, runs, teacher, settings, seeds, sampling_seeds, wall)
         "",
         *(table(runs, cross, "SFT, own tokenizer", COLUMNS) if "SFT, own tokenizer" in cross else []),
         "",
-        f"Teacher: exact match {teacher['exact_match']:.1f}% (long responses {teacher['long_exact_match']:.1f}%), "
+        f"Teacher: correct {teacher['correct']:.1f}%, exact match {teacher['exact_match']:.1f}% (long responses "
+        f"{teacher['long_exact_match']:.1f}%), "
         f"ROUGE-L {teacher['rouge_l']:.1f} greedy (long responses {teacher['long_rouge_l']:.1f}), "
-        f"{teacher['sampled_rouge_l']:.1f} sampled, held-out CE {teacher['gold_ce']:.3f}.",
+        f"{teacher['sampled_rouge_l']:.1f} sampled, held-out CE {teacher['gold_ce']:.3f} (open-ended "
+        f"{teacher['gold_ce_open']:.3f}).",
         "",
         *_t2s_lines(runs, methods),
         "",
@@ -329,8 +332,8 @@ def _timing(runs: list[dict], wall: float) -> str:
 
 
 def _chart(methods: list[Method], runs: list[dict], teacher: dict, path: Path) -> None:
-    """Horizontal bars (mean, std as error bar) of exact match, held-out CE and KL per method."""
-    panels = (("exact_match", "exact match %, greedy ↑"), ("gold_ce", "held-out CE on the references ↓"),
+    """Horizontal bars (mean, std as error bar) of correct answers, held-out CE and KL per method."""
+    panels = (("correct", "correct %, greedy ↑"), ("gold_ce", "held-out CE on the references ↓"),
               ("teacher_student_kl", "teacher→student KL ↓"))
     names = [method.name for method in methods]
     colours = ["tab:orange" if method.cross_tokenizer else "tab:blue" for method in methods]

@@ -90,12 +90,12 @@ def test_quickstart_over_seeds_reports_mean_and_spread_and_says_whether_kd_beats
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["student_seeds"] == [0, 1]
     kd = results["models"]["student-kd"]
-    assert [row["exact_match"] for row in kd["per_seed"]] and set(kd["seed_std"]) >= {"exact_match", "gold_ce"}
+    assert [row["exact_match"] for row in kd["per_seed"]] and set(kd["seed_std"]) >= {"correct", "exact_match", "gold_ce"}
     assert kd["gold_ce"] == pytest.approx(sum(row["gold_ce"] for row in kd["per_seed"]) / 2)
     for seed in (0, 1):
         assert (tmp_path / f"seed{seed}" / "student-kd" / "model.safetensors").is_file()
     table = (tmp_path / "results.md").read_text()
-    assert " ± " in table and "student-kd vs student-sft over 2 seeds: exact match " in table
+    assert " ± " in table and "student-kd vs student-sft over 2 seeds: correct answers " in table
     assert "student-kd vs student-sft over 2 seeds" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["quickstart", "--smoke", "--student-seeds", "0", "--output-dir", str(tmp_path)])

@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from llmdistill.quickstart.task import (
-    PROMPT_TEMPLATE, SUBTASKS, is_held_out, make_examples, make_splits, make_training_rows,
+    OPEN_ENDED, PROMPT_TEMPLATE, SUBTASKS, is_correct, is_held_out, make_examples, make_splits, make_training_rows,
 )
 from llmdistill.quickstart.tokenizer import train_tokenizer
 
@@ -59,7 +59,7 @@ def test_make_splits_is_deterministic_in_seed(splits):
 
 def test_make_splits_sizes_and_prompt_uniqueness(splits):
     train, held_out = splits
-    assert (len(train), len(held_out)) == (2000, 100)
+    assert (len(train), len(held_out)) == (2000, 200)
     train_prompts = {example["prompt"] for example in train}
     assert len(train_prompts) == len(train)
     assert not train_prompts & {example["prompt"] for example in held_out}
@@ -125,25 +125,65 @@ def expected_response(example):
     raise AssertionError(f"no checker for {task}")
 
 
+def right_answer(example, response):
+    """An open-ended response checked from scratch: `between` wants n distinct increasing numbers in [low, high],
+    `choose` n of the offered words in their order."""
+    instruction = instruction_of(example)
+    numbers = [int(number) for number in re.findall(r"\d+", instruction)]
+    if example["task"] == "between":
+        values = [int(part) for part in response.split(", ")] if re.fullmatch(r"\d+(, \d+)*", response) else []
+        return len(values) == numbers[0] and all(numbers[1] <= a < b <= numbers[2] for a, b in zip(values, values[1:]))
+    offered, words = listed_after_colon(instruction).split(), response.split(" ")
+    it = iter(offered)
+    return len(words) == numbers[0] and all(word in it for word in words)  # a subsequence of the offered words
+
+
 def test_held_out_responses_follow_their_rule(splits):
     for example in splits[1]:
-        assert example["response"] == expected_response(example), example
+        if example["task"] in OPEN_ENDED:
+            assert right_answer(example, example["response"]) and is_correct(example, example["response"]), example
+        else:
+            assert example["response"] == expected_response(example), example
+
+
+@pytest.mark.parametrize("task", OPEN_ENDED)
+def test_open_ended_answers_are_judged_by_their_rule_not_the_reference(splits, task):
+    examples = [example for example in splits[0] + splits[1] if example["task"] == task]
+    assert len({example["response"] for example in examples}) > 0.7 * len(examples)  # the answers vary
+    for example in examples[:200]:
+        reference = example["response"]
+        candidates = [reference, reference + " x", reference[: reference.rfind(" ")].rstrip(","),
+                      " ".join(reversed(reference.split(" "))), reference.replace("1", "7"), "", "cat"]
+        for candidate in candidates:
+            assert is_correct(example, candidate) == right_answer(example, candidate), (example, candidate)
+
+
+def test_the_deterministic_subtasks_are_judged_by_exact_match(splits):
+    for example in splits[1]:
+        if example["task"] not in OPEN_ENDED:
+            assert is_correct(example, f" {example['response']}\n") and not is_correct(example, example["response"] + "1")
 
 
 def test_a_fifth_of_training_responses_carry_one_typo(splits):
+    clean = make_training_rows(0, 2000, typo_rate=0.0)
+    assert [row["prompt"] for row in clean] == [row["prompt"] for row in splits[0]]
     with_typo = 0
-    for example in splits[0]:
-        expected = expected_response(example)
-        differing = [(got, want) for got, want in zip(example["response"], expected) if got != want]
-        assert len(example["response"]) == len(expected) and len(differing) <= 1, example
+    for example, original in zip(splits[0], clean):
+        if example["task"] not in OPEN_ENDED:
+            assert original["response"] == expected_response(original), original
+        differing = [(got, want) for got, want in zip(example["response"], original["response"]) if got != want]
+        assert len(example["response"]) == len(original["response"]) and len(differing) <= 1, example
         if differing:
             (got, want), = differing
             assert got.isdigit() == want.isdigit() and got.isalnum()
             with_typo += 1
     assert 0.17 < with_typo / len(splits[0]) < 0.23
-    clean = make_training_rows(0, 200, typo_rate=0.0)
-    assert all(example["response"] == expected_response(example) for example in clean)
-    assert [row["prompt"] for row in clean] == [row["prompt"] for row in make_training_rows(0, 200)]
+
+
+def test_rows_can_be_restricted_to_some_subtasks():
+    rows = make_training_rows(5, 300, subtasks=("count", "copy"))
+    assert {row["task"] for row in rows} == {"count", "copy"}
+    assert {row["task"] for row in make_training_rows(5, 300, distinct=False, subtasks=("next",))} == {"next"}
 
 
 # --- tokenizer -----------------------------------------------------------------

@@ -10,9 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 COLUMNS = (  # key, header, number format
+    ("correct", "correct % ↑", "{:.1f}"),
     ("exact_match", "exact match % ↑", "{:.1f}"),
     ("rouge_l", "ROUGE-L ↑", "{:.1f}"),
     ("gold_ce", "held-out CE ↓", "{:.3f}"),
+    ("gold_ce_open", "held-out CE, open-ended ↓", "{:.3f}"),
     ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
     ("top1_agreement", "top-1 agreement % ↑", "{:.1f}"),
     ("teacher_written_fraction", "teacher-written share of generated training tokens", "{:.1%}"),
@@ -58,7 +60,7 @@ def plot_training_curves(
         axis.set_yscale("log")
         axis.legend()
     if results is not None:
-        for axis, (key, title) in zip(axes[2:], (("exact_match", "held-out exact match % ↑"),
+        for axis, (key, title) in zip(axes[2:], (("correct", "held-out correct % ↑"),
                                                    ("gold_ce", "held-out CE on the references ↓"))):
             names = list(results["models"])
             values = [results["models"][name][key] for name in names]

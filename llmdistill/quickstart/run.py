@@ -26,7 +26,7 @@ from ..trainer import DistillTrainer
 from ..vocab import VocabBridge
 from .architecture import tiny_llama
 from .report import plot_training_curves, results_table
-from .task import make_splits
+from .task import OPEN_ENDED, is_correct, make_splits
 from .teacher import embedded_teacher_dir
 from .tokenizer import train_tokenizer
 
@@ -44,7 +44,7 @@ class QuickstartSettings:
 
 
 DEFAULT = QuickstartSettings(
-    n_train=3000, n_eval=100, vocab_size=512, student_shape=(64, 2, 2), student_steps=300, batch_size=16,
+    n_train=3000, n_eval=200, vocab_size=512, student_shape=(64, 2, 2), student_steps=300, batch_size=16,
     student_learning_rate=3e-3, max_new_tokens=160,
 )
 SMOKE = QuickstartSettings(
@@ -131,7 +131,7 @@ def run_quickstart(
 
 
 def verdict(results: dict, names: list[str]) -> str:
-    """One plain sentence per distilled student: does it beat the SFT student on held-out exact match and CE, by
+    """One plain sentence per distilled student: does it beat the SFT student on held-out correct answers and CE, by
     more than the seed-to-seed spread (the larger of the two students' standard deviations over seeds)?"""
     models, lines = results["models"], []
     if "student-sft" not in models or len(results["student_seeds"]) < 2:
@@ -141,7 +141,7 @@ def verdict(results: dict, names: list[str]) -> str:
         if name == "student-sft":
             continue
         parts = []
-        for key, label, sign in (("exact_match", "exact match", 1), ("gold_ce", "held-out CE", -1)):
+        for key, label, sign in (("correct", "correct answers", 1), ("gold_ce", "held-out CE", -1)):
             lead = sign * (models[name][key] - sft[key])
             noise = max(models[name]["seed_std"][key], sft["seed_std"][key])
             judged = "more than the" if lead > noise else "less than the" if lead > 0 else "behind; the"
@@ -212,6 +212,8 @@ class Students:
             self.directory, self.tokenizer = task.out, task.teacher_tokenizer
             self.train_set = _tokenised(task.train_rows, task.teacher_tokenizer, "train")
         self.held_out = _tokenised(task.eval_rows, self.tokenizer, "held-out")
+        open_rows = [row for row in task.eval_rows if row["task"] in OPEN_ENDED]
+        self.held_out_open = _tokenised(open_rows, self.tokenizer, "held-out open-ended") if open_rows else None
 
     def initialisation(self, directory: Path, student_seed: int, teacher_embeddings: bool = False) -> Path:
         """Saves the students' shared initial weights, drawn from `student_seed`; with `teacher_embeddings` the
@@ -230,9 +232,14 @@ class Students:
         return _train(directory, init_dir, self.task.teacher_dir, run, self.tokenizer, self.train_set, student_seed,
                       self.task.teacher_tokenizer, dev_rows=self.task.dev_rows())
 
-    def gold_ce(self, model) -> float:
-        """The student's cross-entropy per token on the held-out references, in its own tokenization."""
-        return gold_cross_entropy(model, self.held_out, self.tokenizer.pad_token_id)
+    def gold_ce(self, model) -> dict:
+        """The student's cross-entropy per token on the held-out references, in its own tokenization: all of them
+        (`gold_ce`) and those of the open-ended sub-tasks (`gold_ce_open`), where a reference is one right answer of
+        many."""
+        scores = {"gold_ce": gold_cross_entropy(model, self.held_out, self.tokenizer.pad_token_id)}
+        if self.held_out_open is not None:
+            scores["gold_ce_open"] = gold_cross_entropy(model, self.held_out_open, self.tokenizer.pad_token_id)
+        return scores
 
     def fidelity(self, teacher):
         """student model → its KL to the teacher and top-1 agreement on the held-out references (at aligned
@@ -359,42 +366,48 @@ def _train(
 
 def _teacher_scores(task: Task, teacher) -> dict:
     row = greedy_scores(teacher, task.teacher_tokenizer, task.eval_rows, task.settings.max_new_tokens)
-    return row | {"gold_ce": teacher_gold_ce(task, teacher), "parameters": teacher.num_parameters()}
+    return row | teacher_gold_ce(task, teacher) | {"parameters": teacher.num_parameters()}
 
 
-def teacher_gold_ce(task: Task, teacher) -> float:
-    """The teacher's cross-entropy per token on the held-out references."""
-    tokenizer = task.teacher_tokenizer
-    return gold_cross_entropy(teacher, _tokenised(task.eval_rows, tokenizer, "held-out"), tokenizer.pad_token_id)
+def teacher_gold_ce(task: Task, teacher) -> dict:
+    """The teacher's cross-entropy per token on the held-out references: all, and the open-ended ones."""
+    tokenizer, rows = task.teacher_tokenizer, task.eval_rows
+    scores = {"gold_ce": gold_cross_entropy(teacher, _tokenised(rows, tokenizer, "held-out"), tokenizer.pad_token_id)}
+    open_rows = [row for row in rows if row["task"] in OPEN_ENDED]
+    if open_rows:
+        open_set = _tokenised(open_rows, tokenizer, "held-out open-ended")
+        scores["gold_ce_open"] = gold_cross_entropy(teacher, open_set, tokenizer.pad_token_id)
+    return scores
 
 
 def _student_scores(task: Task, students: Students, fidelity, directory: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(directory)
     row = greedy_scores(model, students.tokenizer, task.eval_rows, task.settings.max_new_tokens, task.teacher_tokenizer)
-    row["gold_ce"] = students.gold_ce(model)
-    return row | fidelity(model) | {"parameters": model.num_parameters()}
+    return row | students.gold_ce(model) | fidelity(model) | {"parameters": model.num_parameters()}
 
 
 def greedy_scores(model, tokenizer, eval_rows: list[dict], max_new_tokens: int, length_tokenizer=None) -> dict:
-    """Exact match and ROUGE-L of greedy responses to the held-out prompts: overall, per sub-task (`by_task`), and
-    over the long references (`long`: at least LONG_RESPONSE_TOKENS tokens of `length_tokenizer`, by default the
-    model's; where SWITCH claims its gain). Pass the teacher's to compare models that tokenise differently on the
-    same rows."""
+    """Correct answers, exact match and ROUGE-L of greedy responses to the held-out prompts: overall, per sub-task
+    (`by_task`), and over the long references (`long`: at least LONG_RESPONSE_TOKENS tokens of `length_tokenizer`, by
+    default the model's; where SWITCH claims its gain). Pass the teacher's to compare models that tokenise
+    differently on the same rows. A response is correct when it equals the reference or, for an open-ended sub-task,
+    is any of its right answers (`task.is_correct`)."""
     predictions = generate_responses(model, tokenizer, [row["prompt"] for row in eval_rows], max_new_tokens)
-    references = [row["response"] for row in eval_rows]
-    row = _generation_scores(predictions, references)
+    row = _generation_scores(predictions, eval_rows)
     tasks = [example["task"] for example in eval_rows]
     groups = {task: [other == task for other in tasks] for task in dict.fromkeys(tasks)}
-    row["by_task"] = {task: _generation_scores(predictions, references, chosen) for task, chosen in groups.items()}
+    row["by_task"] = {task: _generation_scores(predictions, eval_rows, chosen) for task, chosen in groups.items()}
     counter = length_tokenizer or tokenizer
-    long = [len(counter(reference)["input_ids"]) >= LONG_RESPONSE_TOKENS for reference in references]
+    long = [len(counter(example["response"])["input_ids"]) >= LONG_RESPONSE_TOKENS for example in eval_rows]
     if any(long):
-        row["long"] = _generation_scores(predictions, references, long) | {"rows": sum(long)}
+        row["long"] = _generation_scores(predictions, eval_rows, long) | {"rows": sum(long)}
     return row
 
 
-def _generation_scores(predictions, references, chosen: list[bool] | None = None) -> dict:
+def _generation_scores(predictions: list[str], examples: list[dict], chosen: list[bool] | None = None) -> dict:
     if chosen is not None:
-        predictions, references = zip(*[(p, r) for p, r, keep in zip(predictions, references, chosen) if keep])
-    predictions, references = list(predictions), list(references)
-    return {"exact_match": exact_match(predictions, references), "rouge_l": rouge_l(predictions, references)}
+        predictions, examples = zip(*[(p, e) for p, e, keep in zip(predictions, examples, chosen) if keep])
+    references = [example["response"] for example in examples]
+    correct = 100.0 * sum(is_correct(e, p) for e, p in zip(examples, predictions)) / len(examples)
+    return {"correct": correct, "exact_match": exact_match(list(predictions), references),
+            "rouge_l": rouge_l(list(predictions), references)}

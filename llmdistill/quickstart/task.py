@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import string
 from collections.abc import Callable, Iterator, Sequence
 
@@ -74,6 +75,25 @@ def _next(rng: random.Random) -> tuple[str, str]:
     return phrasing.format(number), str(answer)
 
 
+def _between(rng: random.Random) -> tuple[str, str]:
+    low, n = rng.randint(1, 70), rng.randint(2, 5)
+    high = low + rng.randint(9, 29)
+    phrasing = rng.choice((
+        "Name {n} numbers between {low} and {high}, smallest first.",
+        "Pick {n} numbers from {low} to {high}, in increasing order.",
+    ))
+    chosen = sorted(rng.sample(range(low, high + 1), n))
+    return phrasing.format(n=n, low=low, high=high), ", ".join(map(str, chosen))
+
+
+def _choose(rng: random.Random) -> tuple[str, str]:
+    offered = rng.sample(WORDS, rng.randint(4, 7))
+    n = rng.randint(1, len(offered) - 2)
+    phrasing = rng.choice(("Choose {n} of these words: {words}", "Keep any {n} of these words, in order: {words}"))
+    chosen = sorted(rng.sample(range(len(offered)), n))
+    return phrasing.format(n=n, words=" ".join(offered)), " ".join(offered[index] for index in chosen)
+
+
 _GENERATORS: dict[str, InstructionGenerator] = {
     "count": _count,
     "multiples": _multiples,
@@ -81,9 +101,38 @@ _GENERATORS: dict[str, InstructionGenerator] = {
     "copy": _copy,
     "spell": _spell,
     "next": _next,
+    "between": _between,
+    "choose": _choose,
 }
 
 SUBTASKS: tuple[str, ...] = tuple(_GENERATORS)
+# Sub-tasks with many right answers: the reference is one of them, drawn at random, so a teacher's next-token
+# distribution carries what a single reference does not (every answer still allowed at each step).
+OPEN_ENDED: tuple[str, ...] = ("between", "choose")
+
+
+def is_correct(example: dict, response: str) -> bool:
+    """Whether `response` answers `example`'s prompt: equal to the reference (stripped), or, for an open-ended
+    sub-task, any of its right answers."""
+    if example["task"] == "between":
+        n, low, high = map(int, re.findall(r"\d+", _instruction(example["prompt"])))
+        numbers = response.strip().split(", ")
+        if not all(number.isdigit() for number in numbers):
+            return False
+        values = [int(number) for number in numbers]
+        return len(values) == n and values == sorted(set(values)) and low <= values[0] and values[-1] <= high
+    if example["task"] == "choose":
+        instruction = _instruction(example["prompt"])
+        n, offered = int(re.findall(r"\d+", instruction)[0]), instruction.rsplit(": ", 1)[1].split()
+        words = response.strip().split(" ")
+        positions = [offered.index(word) for word in words if word in offered]
+        return len(words) == n and len(positions) == n and positions == sorted(set(positions))
+    return response.strip() == example["response"].strip()
+
+
+def _instruction(prompt: str) -> str:
+    prefix, suffix = PROMPT_TEMPLATE.split("{instruction}")
+    return prompt.removeprefix(prefix).removesuffix(suffix)
 
 
 def _resolve_subtasks(subtasks: Sequence[str] | None) -> tuple[str, ...]:
@@ -127,7 +176,7 @@ def is_held_out(prompt: str) -> bool:
     return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big") % HELD_OUT_SHARE == 0
 
 
-def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 100) -> tuple[list[dict], list[dict]]:
+def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 200) -> tuple[list[dict], list[dict]]:
     """Train and held-out eval examples with pairwise distinct prompts, the eval prompts from the held-out share
     (:func:`is_held_out`) and the training prompts from the rest.
 
@@ -140,15 +189,18 @@ def make_splits(seed: int = 0, n_train: int = 2000, n_eval: int = 100) -> tuple[
 TYPO_RATE = 0.2  # share of training responses with one wrong character, as written by a careless annotator
 
 
-def make_training_rows(seed: int, n: int, typo_rate: float = TYPO_RATE, distinct: bool = True) -> list[dict]:
+def make_training_rows(
+    seed: int, n: int, typo_rate: float = TYPO_RATE, distinct: bool = True, subtasks: Sequence[str] | None = None
+) -> list[dict]:
     """``n`` examples, none from the held-out share, with pairwise distinct prompts (with `distinct`: sub-tasks with
     few prompts, like ``multiples``, then run out and the others fill in) or the sub-tasks in turn, prompts
     repeating. A `typo_rate` share of the responses carry one wrong character (a digit for a digit, a letter for a
-    letter), drawn from their own seed. Held-out references are always correct."""
+    letter), drawn from their own seed. Held-out references are always correct. `subtasks` restricts the rows to
+    some sub-tasks (default: all)."""
     if distinct:
-        rows = _unique(seed, n, held_out=False, in_turn=False)
+        rows = _unique(seed, n, held_out=False, in_turn=False, subtasks=subtasks)
     else:
-        stream = (example for example in _example_stream(seed, None) if not is_held_out(example["prompt"]))
+        stream = (example for example in _example_stream(seed, subtasks) if not is_held_out(example["prompt"]))
         rows = [next(stream) for _ in range(n)]
     rng = random.Random(f"typos-{seed}")
     return [row | {"response": _with_typo(row["response"], rng)} if rng.random() < typo_rate else row for row in rows]
@@ -161,10 +213,10 @@ def _with_typo(response: str, rng: random.Random) -> str:
     return response[:position] + wrong + response[position + 1:]
 
 
-def _unique(seed: int, n: int, held_out: bool, in_turn: bool) -> list[dict]:
+def _unique(seed: int, n: int, held_out: bool, in_turn: bool, subtasks: Sequence[str] | None = None) -> list[dict]:
     seen_prompts: set[str] = set()
     unique: list[dict] = []
-    stream = _example_stream(seed, None)
+    stream = _example_stream(seed, subtasks)
     while len(unique) < n:
         example = next(stream)
         if in_turn and example["task"] != SUBTASKS[len(unique) % len(SUBTASKS)]:
