@@ -90,6 +90,8 @@ METHODS = (
 # The papers' claims, each as (claim, the method claimed better, the one it is compared with, metrics).
 CLAIMS = (
     ("KD > SFT", "KD (fkl)", "SFT", ("correct", "gold_ce", "gold_ce_open")),
+    ("KD > SFT, teacher-embedding init", "KD (fkl), teacher-embedding init", "SFT, teacher-embedding init",
+     ("correct", "gold_ce", "gold_ce_open")),
     ("KD with softened targets (τ = 2) > SFT", "KD (fkl, τ = 2)", "SFT", ("correct", "gold_ce", "gold_ce_open")),
     ("KD with softened targets (τ = 2) > SFT, teacher-embedding init", "KD (fkl, τ = 2), teacher-embedding init",
      "SFT, teacher-embedding init", ("correct", "gold_ce", "gold_ce_open")),

@@ -99,3 +99,16 @@ def test_quickstart_over_seeds_reports_mean_and_spread_and_says_whether_kd_beats
     assert "student-kd vs student-sft over 2 seeds" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["quickstart", "--smoke", "--student-seeds", "0", "--output-dir", str(tmp_path)])
+
+
+def test_training_curves_carry_the_verdict_as_their_title(tmp_path, monkeypatch):
+    from llmdistill.quickstart import report
+
+    closed = []
+    monkeypatch.setattr(report.plt, "close", closed.append)
+    history = [{"step": 1, "loss": 2.0, "ce": 2.0}, {"step": 2, "loss": 1.5, "ce": 1.6}]
+    row = {"correct": 10.0, "gold_ce": 1.2}
+    results = {"models": {"student-sft": row, "student-kd": row}}
+    verdict = "student-kd vs student-sft over 3 seeds: correct answers +0.0"
+    report.plot_training_curves({"student-sft": history}, tmp_path / "curves.png", results, verdict)
+    assert (tmp_path / "curves.png").is_file() and closed[0]._suptitle.get_text() == verdict

@@ -46,7 +46,7 @@ def plot_training_curves(
     histories: dict[str, list[dict]], path: Path, results: dict | None = None, title: str | None = None
 ) -> None:
     """Training loss and cross-entropy per step for each model trained (the first seed's), and, with `results`,
-    held-out exact match and CE per model (mean ± std over seeds); `title` (the verdict) above them."""
+    held-out correct answers and CE per model (mean ± std over seeds); `title` (the verdict) above them."""
     panels = 2 + 2 * (results is not None)
     figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
     for name, history in histories.items():
@@ -54,20 +54,20 @@ def plot_training_curves(
             points = [(entry["step"], entry[key]) for entry in history if key in entry and "step" in entry]
             if points:
                 axis.plot(*zip(*points), label=name)
-    for axis, title in zip(axes, ("training loss ((1-α)·CE + α·KD)", "cross-entropy on the gold response")):
-        axis.set_title(title)
+    for axis, heading in zip(axes, ("training loss ((1-α)·CE + α·KD)", "cross-entropy on the gold response")):
+        axis.set_title(heading)
         axis.set_xlabel("optimizer step")
         axis.set_yscale("log")
         axis.legend()
     if results is not None:
-        for axis, (key, title) in zip(axes[2:], (("correct", "held-out correct % ↑"),
+        for axis, (key, heading) in zip(axes[2:], (("correct", "held-out correct % ↑"),
                                                    ("gold_ce", "held-out CE on the references ↓"))):
             names = list(results["models"])
             values = [results["models"][name][key] for name in names]
             spreads = [results["models"][name].get("seed_std", {}).get(key, 0.0) for name in names]
             axis.bar(range(len(names)), values, yerr=spreads, capsize=4, color="tab:gray")
             axis.set_xticks(range(len(names)), names, rotation=20)
-            axis.set_title(title)
+            axis.set_title(heading)
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
