@@ -39,6 +39,7 @@ from llmdistill.evaluation import PAPER_SEEDS, Protocol, rouge_l, sample_respons
 from llmdistill.quickstart.run import (  # noqa: E402
     DEFAULT, SMOKE, Students, Task, TrainingRun, greedy_scores, teacher_gold_ce, training_summary,
 )
+from llmdistill.quickstart.teacher import EMBEDDED_SHA256  # noqa: E402
 from student_comparison import METRICS, mean_std, table, write  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -217,11 +218,13 @@ def _run(jobs: list[Job], workers: int) -> list[dict]:
 
 
 def train_and_score(job: Job) -> dict:
-    """Trains one student (or reuses the one a previous run of the same job left) and scores it."""
+    """Trains one student (or reuses the one a previous run of the same job left, against the same teacher) and
+    scores it."""
     torch.set_num_threads(1)
     saved = job.directory / "benchmark_row.json"
-    if saved.is_file() and json.loads(saved.read_text()).get("fingerprint") == job.fingerprint():
-        return json.loads(saved.read_text())["row"] | {"reused": True}
+    earlier = json.loads(saved.read_text()) if saved.is_file() else {}
+    if earlier.get("fingerprint") == job.fingerprint() and earlier.get("teacher") == EMBEDDED_SHA256:
+        return earlier["row"] | {"reused": True}
     started = time.perf_counter()
     history = job.students.train(job.directory, job.init_dir, job.run, job.seed)
     task = job.students.task
@@ -231,7 +234,7 @@ def train_and_score(job: Job) -> dict:
     row |= job.students.fidelity(teacher)(student) | training_summary(history)
     row |= job.students.gold_ce(student)
     row["job_seconds"] = time.perf_counter() - started
-    saved.write_text(json.dumps({"fingerprint": job.fingerprint(), "row": row}))
+    saved.write_text(json.dumps({"fingerprint": job.fingerprint(), "teacher": EMBEDDED_SHA256, "row": row}))
     return row
 
 

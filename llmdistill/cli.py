@@ -76,6 +76,11 @@ def _run(argv: list[str]) -> None:
         help="where the distilled student's KD sequences come from: the dataset (gt) or generations during training "
         "(switch: the student writes and the teacher takes over where they disagree; see the README)",
     )
+    quickstart.add_argument("--student-steps", type=int, help="optimizer steps per student (default 300)")
+    quickstart.add_argument(
+        "--teacher-embeddings", action="store_true",
+        help="both students start from the teacher's embeddings (projected onto their width) instead of random ones",
+    )
     evaluate = commands.add_parser("eval", help="the papers' evaluation: ROUGE-L over seeds, GSM8K exact match")
     evaluate.add_argument("model", help="the model folder to evaluate")
     evaluate.add_argument("--data", nargs="+", required=True, type=Path,
@@ -111,6 +116,11 @@ def _run(argv: list[str]) -> None:
         _evaluate(args)
         return
     objective = args.objective or ("dskd_eta" if args.cross_tokenizer else "vanilla")
+    if args.student_steps is not None and args.student_steps < 1:
+        parser.error(f"--student-steps {args.student_steps}: train at least one step (the default is 300).")
+    if args.teacher_embeddings and args.cross_tokenizer:
+        parser.error("--teacher-embeddings needs the teacher's vocabulary; with --cross-tokenizer the students have "
+                     "their own: drop one of the two.")
     if args.student_seeds is not None and args.student_seeds < 1:
         parser.error(f"--student-seeds {args.student_seeds}: train at least one seed (3 reports mean ± std).")
     if args.cross_tokenizer and objective not in CROSS_TOKENIZER:
@@ -125,7 +135,8 @@ def _run(argv: list[str]) -> None:
     run_quickstart(
         args.output_dir, seed=args.seed, smoke=args.smoke, objectives=("sft", objective),
         cross_tokenizer=args.cross_tokenizer, sources=(args.source,),
-        student_seeds=args.student_seeds or (1 if args.smoke else 3),
+        student_seeds=args.student_seeds or (1 if args.smoke else 3), student_steps=args.student_steps,
+        teacher_embeddings=args.teacher_embeddings,
     )
 
 

@@ -112,3 +112,25 @@ def test_training_curves_carry_the_verdict_as_their_title(tmp_path, monkeypatch)
     verdict = "student-kd vs student-sft over 3 seeds: correct answers +0.0"
     report.plot_training_curves({"student-sft": history}, tmp_path / "curves.png", results, verdict)
     assert (tmp_path / "curves.png").is_file() and closed[0]._suptitle.get_text() == verdict
+
+
+def test_quickstart_students_can_train_longer_from_the_teachers_embeddings(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmdistill.cli import main
+    from llmdistill.quickstart.run import principal_projection
+    from llmdistill.quickstart.teacher import embedded_teacher_dir
+
+    main(["quickstart", "--smoke", "--student-steps", "4", "--teacher-embeddings", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["student_steps"], results["teacher_embeddings"]) == (4, True)
+    history = json.loads((tmp_path / "student-kd" / "log_history.json").read_text())
+    assert history[-1]["step"] == 4
+    teacher = AutoModelForCausalLM.from_pretrained(embedded_teacher_dir())
+    init = AutoModelForCausalLM.from_pretrained(tmp_path / "student-init")
+    expected = principal_projection(teacher.get_input_embeddings().weight, init.config.hidden_size)
+    torch.testing.assert_close(init.get_input_embeddings().weight, expected)
+    for bad in (["--student-steps", "0"], ["--teacher-embeddings", "--cross-tokenizer"]):
+        with pytest.raises(SystemExit):
+            main(["quickstart", "--smoke", *bad, "--output-dir", str(tmp_path / "bad")])

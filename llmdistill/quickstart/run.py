@@ -84,6 +84,8 @@ def run_quickstart(
     cross_tokenizer: bool = False,
     sources: tuple[str, ...] = ("gt",),
     student_seeds: int = 1,
+    student_steps: int | None = None,
+    teacher_embeddings: bool = False,
 ) -> dict:
     """Writes the task (data/*.jsonl), the models, results.json, results.md and training_curves.png.
 
@@ -93,9 +95,14 @@ def run_quickstart(
     trained from N initialisations (seeds student_seed, student_seed + 1, ...; each under seed{k}/) and the table
     gives mean ± std over them. With `cross_tokenizer` the students read a SentencePiece-style tokenizer of their own
     while the teacher keeps its byte-level BPE, and everything they write goes under `cross_tokenizer/`.
+    `student_steps` overrides the settings' steps per student; with `teacher_embeddings` every student starts from
+    the teacher's embeddings (`principal_projection`).
     """
     started = time.perf_counter()
-    task = Task.prepare(output_dir, seed, SMOKE if smoke else DEFAULT)
+    settings = SMOKE if smoke else DEFAULT
+    if student_steps is not None:
+        settings = dataclasses.replace(settings, student_steps=student_steps)
+    task = Task.prepare(output_dir, seed, settings)
     settings, first_seed = task.settings, seed if student_seed is None else student_seed
     students = Students(task, cross_tokenizer)
     runs = [
@@ -111,13 +118,14 @@ def run_quickstart(
     per_seed, histories = [], {}
     for seed_k in seeds:
         directory = students.directory if len(seeds) == 1 else students.directory / f"seed{seed_k}"
-        init = students.initialisation(directory / "student-init", seed_k)
+        init = students.initialisation(directory / "student-init", seed_k, teacher_embeddings)
         for run, name in zip(runs, names):
             history = students.train(directory / name, init, run, seed_k)
             histories.setdefault(name, history)  # the curves of the first seed
             scores = _student_scores(task, students, fidelity, directory / name)
             per_seed.append((name, scores | training_summary(history)))
-    results = {"models": {"teacher": _teacher_scores(task, teacher)} | _over_seeds(per_seed), "student_seeds": seeds}
+    results = {"models": {"teacher": _teacher_scores(task, teacher)} | _over_seeds(per_seed), "student_seeds": seeds,
+               "student_steps": settings.student_steps, "teacher_embeddings": teacher_embeddings}
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     judged = verdict(results, names)
     table = results_table(results) + "\n\n" + judged
