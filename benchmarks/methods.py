@@ -88,27 +88,28 @@ METHODS = (
     Method("CMA (DSKD v1)", "cma", cross_tokenizer=True),
     Method("shared-vocabulary KD", "simple_ctkd", cross_tokenizer=True),
 )
+MAIN_METRICS = ("correct", "gold_ce", "gold_ce_open")
 # The papers' claims, each as (claim, the method claimed better, the one it is compared with, metrics).
 CLAIMS = (
-    ("KD > SFT", "KD (fkl)", "SFT", ("correct", "gold_ce", "gold_ce_open")),
+    ("KD > SFT", "KD (fkl)", "SFT", MAIN_METRICS),
     ("KD > SFT, teacher-embedding init", "KD (fkl), teacher-embedding init", "SFT, teacher-embedding init",
-     ("correct", "gold_ce", "gold_ce_open")),
-    ("KD with softened targets (τ = 2) > SFT", "KD (fkl, τ = 2)", "SFT", ("correct", "gold_ce", "gold_ce_open")),
+     MAIN_METRICS),
+    ("KD with softened targets (τ = 2) > SFT", "KD (fkl, τ = 2)", "SFT", MAIN_METRICS),
     ("KD with softened targets (τ = 2) > SFT, teacher-embedding init", "KD (fkl, τ = 2), teacher-embedding init",
-     "SFT, teacher-embedding init", ("correct", "gold_ce", "gold_ce_open")),
-    ("KD without the noisy references' CE (α = 1) > SFT", "KD (fkl, α = 1)", "SFT", ("correct", "gold_ce", "gold_ce_open")),
+     "SFT, teacher-embedding init", MAIN_METRICS),
+    ("KD without the noisy references' CE (α = 1) > SFT", "KD (fkl, α = 1)", "SFT", MAIN_METRICS),
     ("KD without the noisy references' CE (α = 1) > SFT, teacher-embedding init",
-     "KD (fkl, α = 1), teacher-embedding init", "SFT, teacher-embedding init", ("correct", "gold_ce", "gold_ce_open")),
-    ("DSKD > vanilla KD (DSKD paper)", "DSKD", "KD (fkl)", ("correct", "gold_ce", "gold_ce_open")),
+     "KD (fkl, α = 1), teacher-embedding init", "SFT, teacher-embedding init", MAIN_METRICS),
+    ("DSKD > vanilla KD (DSKD paper)", "DSKD", "KD (fkl)", MAIN_METRICS),
     ("DSKD > vanilla KD, teacher-embedding init (DSKD paper)", "DSKD, teacher-embedding init",
      "KD (fkl), teacher-embedding init",
-     ("correct", "gold_ce", "gold_ce_open")),
-    ("on-policy > off-policy KD (GKD paper)", "GKD", "KD (fkl)", ("correct", "gold_ce", "gold_ce_open")),
-    ("on-policy KD > SFT (GKD paper)", "GKD", "SFT", ("correct", "gold_ce", "gold_ce_open")),
-    ("on-policy > off-policy KD (DistiLLM paper)", "DistiLLM", "KD (fkl)", ("correct", "gold_ce", "gold_ce_open")),
+     MAIN_METRICS),
+    ("on-policy > off-policy KD (GKD paper)", "GKD", "KD (fkl)", MAIN_METRICS),
+    ("on-policy KD > SFT (GKD paper)", "GKD", "SFT", MAIN_METRICS),
+    ("on-policy > off-policy KD (DistiLLM paper)", "DistiLLM", "KD (fkl)", MAIN_METRICS),
     ("SWITCH > student-only on-policy (SWITCH paper)", "SWITCH", "on-policy KD (student only)",
      ("correct", "long_rouge_l", "gold_ce", "gold_ce_open")),
-    *((f"DSKD-ETA > {other} (DSKDv2 paper)", "DSKD-ETA", other, ("correct", "gold_ce", "gold_ce_open"))
+    *((f"DSKD-ETA > {other} (DSKDv2 paper)", "DSKD-ETA", other, MAIN_METRICS)
       for other in ("ULD", "MinED", "CMA (DSKD v1)")),
 )
 LOWER_IS_BETTER = {"gold_ce", "gold_ce_open", "teacher_student_kl"}

@@ -103,7 +103,7 @@ def run_quickstart(
     if student_steps is not None:
         settings = dataclasses.replace(settings, student_steps=student_steps)
     task = Task.prepare(output_dir, seed, settings)
-    settings, first_seed = task.settings, seed if student_seed is None else student_seed
+    first_seed = seed if student_seed is None else student_seed
     students = Students(task, cross_tokenizer)
     runs = [
         TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size, source,
@@ -219,9 +219,8 @@ class Students:
         else:
             self.directory, self.tokenizer = task.out, task.teacher_tokenizer
             self.train_set = _tokenised(task.train_rows, task.teacher_tokenizer, "train")
-        self.held_out = _tokenised(task.eval_rows, self.tokenizer, "held-out")
-        open_rows = [row for row in task.eval_rows if row["task"] in OPEN_ENDED]
-        self.held_out_open = _tokenised(open_rows, self.tokenizer, "held-out open-ended") if open_rows else None
+        self.references = reference_sets(task.eval_rows, self.tokenizer)
+        self.held_out = self.references["gold_ce"]
 
     def initialisation(self, directory: Path, student_seed: int, teacher_embeddings: bool = False) -> Path:
         """Saves the students' shared initial weights, drawn from `student_seed`; with `teacher_embeddings` the
@@ -244,10 +243,7 @@ class Students:
         """The student's cross-entropy per token on the held-out references, in its own tokenization: all of them
         (`gold_ce`) and those of the open-ended sub-tasks (`gold_ce_open`), where a reference is one right answer of
         many."""
-        scores = {"gold_ce": gold_cross_entropy(model, self.held_out, self.tokenizer.pad_token_id)}
-        if self.held_out_open is not None:
-            scores["gold_ce_open"] = gold_cross_entropy(model, self.held_out_open, self.tokenizer.pad_token_id)
-        return scores
+        return references_cross_entropy(model, self.references, self.tokenizer.pad_token_id)
 
     def fidelity(self, teacher):
         """student model → its KL to the teacher and top-1 agreement on the held-out references (at aligned
@@ -379,13 +375,23 @@ def _teacher_scores(task: Task, teacher) -> dict:
 
 def teacher_gold_ce(task: Task, teacher) -> dict:
     """The teacher's cross-entropy per token on the held-out references: all, and the open-ended ones."""
-    tokenizer, rows = task.teacher_tokenizer, task.eval_rows
-    scores = {"gold_ce": gold_cross_entropy(teacher, _tokenised(rows, tokenizer, "held-out"), tokenizer.pad_token_id)}
-    open_rows = [row for row in rows if row["task"] in OPEN_ENDED]
+    tokenizer = task.teacher_tokenizer
+    return references_cross_entropy(teacher, reference_sets(task.eval_rows, tokenizer), tokenizer.pad_token_id)
+
+
+def reference_sets(eval_rows: list[dict], tokenizer) -> dict[str, datasets.Dataset]:
+    """The held-out rows tokenised for CE: all of them (`gold_ce`) and, when there are any, those of the open-ended
+    sub-tasks (`gold_ce_open`), where a reference is one right answer of many."""
+    sets = {"gold_ce": _tokenised(eval_rows, tokenizer, "held-out")}
+    open_rows = [row for row in eval_rows if row["task"] in OPEN_ENDED]
     if open_rows:
-        open_set = _tokenised(open_rows, tokenizer, "held-out open-ended")
-        scores["gold_ce_open"] = gold_cross_entropy(teacher, open_set, tokenizer.pad_token_id)
-    return scores
+        sets["gold_ce_open"] = _tokenised(open_rows, tokenizer, "held-out open-ended")
+    return sets
+
+
+def references_cross_entropy(model, sets: dict[str, datasets.Dataset], pad_token_id: int) -> dict[str, float]:
+    """`model`'s cross-entropy per token on each of `reference_sets`, under the same keys."""
+    return {key: gold_cross_entropy(model, references, pad_token_id) for key, references in sets.items()}
 
 
 def _student_scores(task: Task, students: Students, fidelity, directory: Path) -> dict:
