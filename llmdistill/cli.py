@@ -76,10 +76,11 @@ def _run(argv: list[str]) -> None:
         help="where the distilled student's KD sequences come from: the dataset (gt) or generations during training "
         "(switch: the student writes and the teacher takes over where they disagree; see the README)",
     )
-    quickstart.add_argument("--student-steps", type=int, help="optimizer steps per student (default 300)")
+    quickstart.add_argument("--student-steps", type=int, help="optimizer steps per student (default 800)")
     quickstart.add_argument(
-        "--teacher-embeddings", action="store_true",
-        help="both students start from the teacher's embeddings (projected onto their width) instead of random ones",
+        "--teacher-embeddings", action=argparse.BooleanOptionalAction,
+        help="both students start from the teacher's embeddings (projected onto their width); the default, except "
+        "with --cross-tokenizer. --no-teacher-embeddings: random ones",
     )
     evaluate = commands.add_parser("eval", help="the papers' evaluation: ROUGE-L over seeds, GSM8K exact match")
     evaluate.add_argument("model", help="the model folder to evaluate")
@@ -117,7 +118,7 @@ def _run(argv: list[str]) -> None:
         return
     objective = args.objective or ("dskd_eta" if args.cross_tokenizer else "vanilla")
     if args.student_steps is not None and args.student_steps < 1:
-        parser.error(f"--student-steps {args.student_steps}: train at least one step (the default is 300).")
+        parser.error(f"--student-steps {args.student_steps}: train at least one step (the default is 800).")
     if args.teacher_embeddings and args.cross_tokenizer:
         parser.error("--teacher-embeddings needs the teacher's vocabulary; with --cross-tokenizer the students have "
                      "their own: drop one of the two.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from transformers import AutoModelForCausalLM
 
@@ -114,7 +115,7 @@ def test_training_curves_carry_the_verdict_as_their_title(tmp_path, monkeypatch)
     assert (tmp_path / "curves.png").is_file() and closed[0]._suptitle.get_text() == verdict
 
 
-def test_quickstart_students_can_train_longer_from_the_teachers_embeddings(tmp_path):
+def test_quickstart_students_start_from_the_teachers_embeddings_and_kd_reads_a_teacher_cache(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -122,9 +123,12 @@ def test_quickstart_students_can_train_longer_from_the_teachers_embeddings(tmp_p
     from llmdistill.quickstart.run import principal_projection
     from llmdistill.quickstart.teacher import embedded_teacher_dir
 
-    main(["quickstart", "--smoke", "--student-steps", "4", "--teacher-embeddings", "--output-dir", str(tmp_path)])
+    main(["quickstart", "--smoke", "--student-steps", "4", "--output-dir", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["student_steps"], results["teacher_embeddings"]) == (4, True)
+    kd_config = yaml.safe_load((tmp_path / "student-kd" / "distill_config.yaml").read_text())
+    assert kd_config["teacher_cache"] == str(tmp_path / "teacher-cache")
+    assert (tmp_path / "teacher-cache" / "teacher_cache.json").is_file()
     history = json.loads((tmp_path / "student-kd" / "log_history.json").read_text())
     assert history[-1]["step"] == 4
     teacher = AutoModelForCausalLM.from_pretrained(embedded_teacher_dir())
@@ -134,3 +138,5 @@ def test_quickstart_students_can_train_longer_from_the_teachers_embeddings(tmp_p
     for bad in (["--student-steps", "0"], ["--teacher-embeddings", "--cross-tokenizer"]):
         with pytest.raises(SystemExit):
             main(["quickstart", "--smoke", *bad, "--output-dir", str(tmp_path / "bad")])
+    main(["quickstart", "--smoke", "--no-teacher-embeddings", "--output-dir", str(tmp_path / "random")])
+    assert json.loads((tmp_path / "random" / "results.json").read_text())["teacher_embeddings"] is False

@@ -22,6 +22,7 @@ from ..evaluation import (
     rouge_l,
     teacher_student_fidelity,
 )
+from ..objectives import CROSS_TOKENIZER
 from ..trainer import DistillTrainer
 from ..vocab import VocabBridge
 from .architecture import tiny_llama
@@ -44,7 +45,7 @@ class QuickstartSettings:
 
 
 DEFAULT = QuickstartSettings(
-    n_train=3000, n_eval=200, vocab_size=512, student_shape=(64, 2, 2), student_steps=300, batch_size=16,
+    n_train=3000, n_eval=200, vocab_size=512, student_shape=(64, 2, 2), student_steps=800, batch_size=16,
     student_learning_rate=3e-3, max_new_tokens=160,
 )
 SMOKE = QuickstartSettings(
@@ -85,7 +86,7 @@ def run_quickstart(
     sources: tuple[str, ...] = ("gt",),
     student_seeds: int = 1,
     student_steps: int | None = None,
-    teacher_embeddings: bool = False,
+    teacher_embeddings: bool | None = None,
 ) -> dict:
     """Writes the task (data/*.jsonl), the models, results.json, results.md and training_curves.png.
 
@@ -95,16 +96,18 @@ def run_quickstart(
     trained from N initialisations (seeds student_seed, student_seed + 1, ...; each under seed{k}/) and the table
     gives mean ± std over them. With `cross_tokenizer` the students read a SentencePiece-style tokenizer of their own
     while the teacher keeps its byte-level BPE, and everything they write goes under `cross_tokenizer/`.
-    `student_steps` overrides the settings' steps per student; with `teacher_embeddings` every student starts from
-    the teacher's embeddings (`principal_projection`).
+    `student_steps` overrides the settings' steps per student. With `teacher_embeddings` (default: unless
+    `cross_tokenizer`) every student starts from the teacher's embeddings (`principal_projection`).
     """
     started = time.perf_counter()
+    if teacher_embeddings is None:
+        teacher_embeddings = not cross_tokenizer
     settings = SMOKE if smoke else DEFAULT
     if student_steps is not None:
         settings = dataclasses.replace(settings, student_steps=student_steps)
     task = Task.prepare(output_dir, seed, settings)
     first_seed = seed if student_seed is None else student_seed
-    students = Students(task, cross_tokenizer)
+    students = Students(task, cross_tokenizer, cache_teacher=True)
     runs = [
         TrainingRun(objective, settings.student_steps, settings.student_learning_rate, settings.batch_size, source,
                     settings.max_new_tokens)
@@ -206,10 +209,12 @@ class Task:
 
 class Students:
     """Where the students live, the tokenizer they read, and their training rows: pre-tokenised when they share the
-    teacher's tokenizer, raw (the trainer tokenises them for both models and aligns them) when they do not."""
+    teacher's tokenizer, raw (the trainer tokenises them for both models and aligns them) when they do not. With
+    `cache_teacher`, students that distil off-policy on the shared vocabulary read the teacher from one hidden-state
+    cache under `directory` (built by the first of them; the same loss, without a teacher forward per step)."""
 
-    def __init__(self, task: Task, cross_tokenizer: bool = False):
-        self.task, self.cross_tokenizer = task, cross_tokenizer
+    def __init__(self, task: Task, cross_tokenizer: bool = False, cache_teacher: bool = False):
+        self.task, self.cross_tokenizer, self.cache_teacher = task, cross_tokenizer, cache_teacher
         if cross_tokenizer:
             self.directory = task.out / "cross_tokenizer"
             self.tokenizer = _tokenizer(
@@ -236,8 +241,10 @@ class Students:
 
     def train(self, directory: Path, init_dir: Path, run: TrainingRun, student_seed: int) -> list[dict]:
         """Trains one student from `init_dir` into `directory`; returns its log history."""
+        cacheable = run.source == "gt" and run.objective not in ("sft", *CROSS_TOKENIZER) and not self.cross_tokenizer
+        teacher_cache = self.directory / "teacher-cache" if self.cache_teacher and cacheable else None
         return _train(directory, init_dir, self.task.teacher_dir, run, self.tokenizer, self.train_set, student_seed,
-                      self.task.teacher_tokenizer, dev_rows=self.task.dev_rows())
+                      self.task.teacher_tokenizer, dev_rows=self.task.dev_rows(), teacher_cache=teacher_cache)
 
     def gold_ce(self, model) -> dict:
         """The student's cross-entropy per token on the held-out references, in its own tokenization: all of them
@@ -322,7 +329,7 @@ def _save_init(
 
 def _train(
     directory: Path, student_dir: Path, teacher_dir: Path | None, run: TrainingRun, tokenizer, train_set, seed,
-    teacher_tokenizer=None, dev_rows: list[dict] | None = None,
+    teacher_tokenizer=None, dev_rows: list[dict] | None = None, teacher_cache: Path | None = None,
 ):
     """Trains one model with DistillTrainer and returns its log history (also saved beside it). `dev_rows` give
     source=adaptive its validation loss."""
@@ -352,6 +359,7 @@ def _train(
         eval_strategy="steps" if adaptive else "no",
         eval_steps=ADAPTIVE_EVAL_EVERY if adaptive else None,
         per_device_eval_batch_size=run.batch_size,
+        teacher_cache=str(teacher_cache) if teacher_cache else None,
     )
     dev_set = None
     if adaptive:  # in the training data's form: tokenised, or raw rows the trainer tokenises for both models
