@@ -10,6 +10,8 @@ from pathlib import Path
 from llmdistill.quickstart.run import run_quickstart, student_name
 
 METRICS = (  # key, header, format
+    ("correct", "correct % ↑", "{:.1f}"),
+    ("gold_ce", "held-out CE ↓", "{:.3f}"),
     ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
     ("top1_agreement", "top-1 agreement % ↑", "{:.1f}"),
     ("exact_match", "exact match % ↑", "{:.1f}"),
@@ -48,7 +50,8 @@ def objectives_table(runs: list[dict], objectives: tuple[str, ...], baseline: st
 
 def teacher_line(runs: list[dict]) -> str:
     teacher = runs[0]["models"]["teacher"]
-    return f"Teacher: exact match {teacher['exact_match']:.1f}%, ROUGE-L {teacher['rouge_l']:.1f}."
+    return (f"Teacher: {teacher['correct']:.1f}% correct, exact match {teacher['exact_match']:.1f}%, ROUGE-L "
+            f"{teacher['rouge_l']:.1f}, held-out CE {teacher['gold_ce']:.3f}.")
 
 
 def parse_args(description: str, results: Path, output_dir: str) -> argparse.Namespace:
