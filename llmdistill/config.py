@@ -366,7 +366,7 @@ class DistillConfig(TrainingArguments):
         if self.teacher_cache is None:
             return
         _require_choice("teacher_cache_kind", self.teacher_cache_kind, CACHE_KINDS)
-        if not self.uses_teacher or self.source != "gt" or self.objective in CROSS_TOKENIZER:
+        if not reads_teacher_cache(self.objective, self.source, self.alpha_kd):
             raise ConfigError(
                 "teacher_cache holds the teacher's signal on the dataset's own responses for one vocabulary: it needs "
                 f"source='gt' (not {self.source!r}), alpha_kd > 0 and a same-vocabulary objective (vanilla, dskd, "
@@ -442,6 +442,12 @@ class DistillConfig(TrainingArguments):
         if unused:
             raise ConfigError(_unknown_option(unused[0], "command-line option", prefix="--"))
         return config
+
+
+def reads_teacher_cache(objective: str, source: str, alpha_kd: float) -> bool:
+    """Whether a run can read the teacher from a `teacher_cache`: it distils (alpha_kd > 0) on the dataset's own
+    responses (source gt) with a same-vocabulary objective."""
+    return objective != "sft" and alpha_kd > 0 and source == "gt" and objective not in CROSS_TOKENIZER
 
 
 def listed_teachers(teachers) -> list:

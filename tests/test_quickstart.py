@@ -140,3 +140,6 @@ def test_quickstart_students_start_from_the_teachers_embeddings_and_kd_reads_a_t
             main(["quickstart", "--smoke", *bad, "--output-dir", str(tmp_path / "bad")])
     main(["quickstart", "--smoke", "--no-teacher-embeddings", "--output-dir", str(tmp_path / "random")])
     assert json.loads((tmp_path / "random" / "results.json").read_text())["teacher_embeddings"] is False
+    # another task into the same folder builds its own cache instead of refusing the first run's
+    main(["quickstart", "--smoke", "--seed", "1", "--student-steps", "4", "--output-dir", str(tmp_path)])
+    assert (tmp_path / "teacher-cache" / "teacher_cache.json").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..config import DistillConfig
+from ..config import DistillConfig, reads_teacher_cache
 from ..data import ExampleFormat, prepare_dataset
 from ..evaluation import (
     cross_tokenizer_fidelity,
@@ -22,7 +23,6 @@ from ..evaluation import (
     rouge_l,
     teacher_student_fidelity,
 )
-from ..objectives import CROSS_TOKENIZER
 from ..trainer import DistillTrainer
 from ..vocab import VocabBridge
 from .architecture import tiny_llama
@@ -226,6 +226,9 @@ class Students:
             self.train_set = _tokenised(task.train_rows, task.teacher_tokenizer, "train")
         self.references = reference_sets(task.eval_rows, self.tokenizer)
         self.held_out = self.references["gold_ce"]
+        self.teacher_cache = self.directory / "teacher-cache"
+        if cache_teacher:  # an earlier run's cache holds another task's rows (another --seed, --smoke): start afresh
+            shutil.rmtree(self.teacher_cache, ignore_errors=True)
 
     def initialisation(self, directory: Path, student_seed: int, teacher_embeddings: bool = False) -> Path:
         """Saves the students' shared initial weights, drawn from `student_seed`; with `teacher_embeddings` the
@@ -241,8 +244,8 @@ class Students:
 
     def train(self, directory: Path, init_dir: Path, run: TrainingRun, student_seed: int) -> list[dict]:
         """Trains one student from `init_dir` into `directory`; returns its log history."""
-        cacheable = run.source == "gt" and run.objective not in ("sft", *CROSS_TOKENIZER) and not self.cross_tokenizer
-        teacher_cache = self.directory / "teacher-cache" if self.cache_teacher and cacheable else None
+        cacheable = reads_teacher_cache(run.objective, run.source, run.alpha_kd) and not self.cross_tokenizer
+        teacher_cache = self.teacher_cache if self.cache_teacher and cacheable else None
         return _train(directory, init_dir, self.task.teacher_dir, run, self.tokenizer, self.train_set, student_seed,
                       self.task.teacher_tokenizer, dev_rows=self.task.dev_rows(), teacher_cache=teacher_cache)
 
