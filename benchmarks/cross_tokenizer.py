@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+from llmdistill.quickstart.run import DEFAULT, SMOKE
 from student_comparison import METRICS, command, objectives_table, parse_args, run_seeds, write
 
 OBJECTIVES = ("sft", "uld", "mined", "simple_ctkd", "cma", "dskd_eta")
@@ -32,7 +33,9 @@ def main() -> None:
         "KL and top-1 agreement are measured on the held-out references at the ETA-aligned positions (the share of",
         "student response tokens that have one is the 'aligned' column): KL over the shared vocabulary, both sides",
         "renormalised; agreement = the teacher's top-1 mapped to the student token with the same text. Exact match",
-        "and ROUGE-L on greedy generations. Every student: same initialisation per seed, same steps, same data order.",
+        "and ROUGE-L on greedy generations. Every student: same initialisation per seed, same steps, same data order;",
+        f"{(SMOKE if args.smoke else DEFAULT).student_steps} steps from a random initialisation (the quickstart's "
+        "cross-tokenizer default: the teacher's embeddings do not fit the students' vocabulary).",
         f"Torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
         "time ratios are taken within each run.",
         "",
