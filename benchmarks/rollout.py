@@ -53,28 +53,37 @@ def random_pair(args):
     return student, teacher, ids, torch.ones_like(ids), label
 
 
-def trained_pair(args):
-    """The quickstart's embedded teacher, a student distilled from it, and `args.batch` held-out prompts whose
-    references are longer than `args.new_tokens` tokens, left-padded: (student, teacher, ids, mask, label)."""
+def trained_models(work_dir: Path, student_steps: int):
+    """The quickstart's embedded teacher and a student distilled from it (KD from the teacher's embeddings,
+    `student_steps` steps; trained once into `work_dir` and reused), with their tokenizer, left-padding:
+    (student, teacher, tokenizer)."""
     from llmdistill.quickstart.run import DEFAULT, Students, Task, TrainingRun
-    from llmdistill.quickstart.task import is_held_out, make_examples
 
-    task = Task.prepare(args.work_dir, seed=0)
-    student_dir = args.work_dir / f"student-kd-{args.student_steps}"
+    task = Task.prepare(work_dir, seed=0)
+    student_dir = work_dir / f"student-kd-{student_steps}"
     if not (student_dir / "config.json").is_file():
         students = Students(task)
-        init = students.initialisation(args.work_dir / "student-init", 0, teacher_embeddings=True)
-        run = TrainingRun("vanilla", args.student_steps, DEFAULT.student_learning_rate, DEFAULT.batch_size)
+        init = students.initialisation(work_dir / "student-init", 0, teacher_embeddings=True)
+        run = TrainingRun("vanilla", student_steps, DEFAULT.student_learning_rate, DEFAULT.batch_size)
         students.train(student_dir, init, run, 0)
     tokenizer = task.teacher_tokenizer
     tokenizer.padding_side = "left"
+    student, teacher = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (student_dir, task.teacher_dir))
+    return student, teacher, tokenizer
+
+
+def trained_pair(args):
+    """`trained_models` and `args.batch` held-out prompts whose references are longer than `args.new_tokens` tokens,
+    left-padded: (student, teacher, ids, mask, label)."""
+    from llmdistill.quickstart.task import is_held_out, make_examples
+
+    student, teacher, tokenizer = trained_models(args.work_dir, args.student_steps)
     long_rows = [row for row in make_examples(4000, seed=1, subtasks=LONG_SUBTASKS)
                  if is_held_out(row["prompt"]) and len(tokenizer(row["response"])["input_ids"]) > args.new_tokens]
     if len(long_rows) < args.batch:
         sys.exit(f"--new-tokens {args.new_tokens}: only {len(long_rows)} held-out prompts have longer references; "
                  "lower it")
     prompts = tokenizer([row["prompt"] for row in long_rows[: args.batch]], return_tensors="pt", padding=True)
-    student, teacher = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (student_dir, task.teacher_dir))
     label = (f"Teacher: the quickstart's embedded teacher (Llama 3 × 128, vocabulary {len(tokenizer)}); student: "
              f"Llama 2 × 64 distilled from it ({args.student_steps} KD steps from the teacher's embeddings); held-out "
              f"{'/'.join(LONG_SUBTASKS)} prompts whose references exceed {args.new_tokens} tokens")
