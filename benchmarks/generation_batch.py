@@ -14,14 +14,12 @@ teacher distilled into a 2 × 64 student, trained once and reused). Writes bench
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from rollout import trained_models
+from rollout import machine, trained_models
 
 from llmdistill.rollout import Intervention, Sampling, rollout
 
@@ -77,14 +75,12 @@ def main() -> None:
 
 
 def write(totals: dict, args) -> None:
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     per_step, per_micro = totals["one rollout per step"], totals["one rollout per micro-batch"]
     lines = [
         "# Generation batch: one rollout per optimizer step against one per micro-batch",
         "",
         f"`python benchmarks/generation_batch.py --micro-batch {args.micro_batch} --accumulation {args.accumulation} "
-        f"--steps {args.steps} --new-tokens {args.new_tokens}` on {machine}. The student of `rollout.py --pair "
+        f"--steps {args.steps} --new-tokens {args.new_tokens}` on {machine()}. The student of `rollout.py --pair "
         f"trained` ({args.student_steps} KD steps) generates alone, temperature 1, EOS on, up to {args.new_tokens} "
         f"new tokens, for {args.steps} steps of {args.micro_batch * args.accumulation} held-out quickstart prompts.",
         "",

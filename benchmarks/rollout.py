@@ -201,15 +201,20 @@ def main() -> None:
     write(rows, args)
 
 
+def machine() -> str:
+    """The machine a timing was taken on, as the results files name it."""
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+
+
 def write(rows: dict, args) -> None:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     rates, ratios = rows["new_tokens_per_s"], rows["vs_student_plus_teacher_pass"]
     written, calls = rows["teacher_written_fraction"], rows["forward_calls_per_new_token"]
     lines = [
         "# SWITCH and SKD rollouts: KV-cached engine, speculation, recomputation",
         "",
         f"`python benchmarks/rollout.py --pair {args.pair} --batch {args.batch} --new-tokens {args.new_tokens} --tau0 "
-        f"{args.tau0} --draft-tokens {args.draft_tokens}` on {machine}. {args.label}. Sampling at temperature 1, EOS "
+        f"{args.tau0} --draft-tokens {args.draft_tokens}` on {machine()}. {args.label}. Sampling at temperature 1, EOS "
         f"disabled; SWITCH τ0 = {args.tau0}, λ = 0.1 (exp); SKD top-25. Token by token and speculative produce the "
         "same tokens, and the engine the same as recomputation (asserted). Ratios are to a plain student rollout "
         "(`student.generate`) plus one teacher pass over its output.",
