@@ -40,18 +40,15 @@ from llmdistill.quickstart.run import (  # noqa: E402
     DEFAULT, SMOKE, Students, Task, TrainingRun, greedy_scores, teacher_gold_ce, training_summary,
 )
 from llmdistill.quickstart.teacher import EMBEDDED_SHA256  # noqa: E402
-from student_comparison import METRICS, mean_std, table, write  # noqa: E402
+from student_comparison import columns, mean_std, table, write  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "methods.md"
 # 300 steps per student, the quickstart's former default: every committed methods table was measured at it
 FULL = dataclasses.replace(DEFAULT, student_steps=300)
 QUICK = dataclasses.replace(DEFAULT, student_steps=60)
-COLUMNS = (
-    *METRICS[:2], ("correct", "correct % ↑", "{:.1f}"), *METRICS[2:4], ("gold_ce", "held-out CE ↓", "{:.3f}"),
-    ("gold_ce_open", "held-out CE, open-ended ↓", "{:.3f}"), ("long_rouge_l", "ROUGE-L, long ↑", "{:.1f}"),
-    ("sampled_rouge_l", "ROUGE-L, sampled ↑", "{:.1f}"), METRICS[4],
-)
+COLUMNS = columns("teacher_student_kl", "top1_agreement", "correct", "exact_match", "rouge_l", "gold_ce",
+                  "gold_ce_open", "long_rouge_l", "sampled_rouge_l", "seconds_per_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +80,7 @@ METHODS = (
     Method("DistiLLM", "vanilla", "skl", "adaptive"),
     Method("SKD", "vanilla", source="skd"),
     Method("SWITCH", "vanilla", source="switch"),
+    Method("OPD (k1)", "opd", source="student"),  # sampled-token policy gradient on the student's own samples
     Method("SFT, own tokenizer", "sft", cross_tokenizer=True),
     Method("DSKD-ETA", "dskd_eta", cross_tokenizer=True),
     Method("ULD", "uld", cross_tokenizer=True),

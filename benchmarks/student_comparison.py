@@ -9,15 +9,28 @@ from pathlib import Path
 
 from llmdistill.quickstart.run import run_quickstart, student_name
 
-METRICS = (  # key, header, format
+COLUMNS = {key: (key, header, fmt) for key, header, fmt in (  # every column a student table can show
     ("correct", "correct % ↑", "{:.1f}"),
     ("gold_ce", "held-out CE ↓", "{:.3f}"),
+    ("gold_ce_open", "held-out CE, open-ended ↓", "{:.3f}"),
     ("teacher_student_kl", "teacher→student KL ↓", "{:.3f}"),
     ("top1_agreement", "top-1 agreement % ↑", "{:.1f}"),
+    ("aligned_fraction", "aligned fraction", "{:.3f}"),
     ("exact_match", "exact match % ↑", "{:.1f}"),
     ("rouge_l", "ROUGE-L ↑", "{:.1f}"),
+    ("long_rouge_l", "ROUGE-L, long ↑", "{:.1f}"),
+    ("sampled_rouge_l", "ROUGE-L, sampled ↑", "{:.1f}"),
     ("seconds_per_step", "s / step", "{:.3f}"),
-)
+)}
+
+
+def columns(*keys: str) -> tuple:
+    """The (key, header, format) of each named column, in that order."""
+    return tuple(COLUMNS[key] for key in keys)
+
+
+METRICS = columns("correct", "gold_ce", "teacher_student_kl", "top1_agreement", "exact_match", "rouge_l",
+                  "seconds_per_step")
 
 
 def mean_std(values: list[float], fmt: str) -> str:
