@@ -35,6 +35,9 @@ def test_methods_benchmark_tables_every_method_it_trains_and_real_data_evaluates
     assert "DSKD > vanilla KD (DSKD paper)" in table and "SWITCH > student-only" not in table
     assert "t2s accuracy at the end of training: DSKD " in table
     assert "time per step vs SFT |" in table and "time per step vs SFT, own tokenizer |" in table
+    for header in (line for line in table.splitlines() if line.startswith("| student |")):
+        titles = header.strip("| ").split(" | ")
+        assert len(titles) == len(set(titles)) and "s / step" in titles and "ROUGE-L ↑" in titles, header
     assert (tmp_path / "methods.png").stat().st_size > 10_000
     trained_with = {name: yaml.safe_load((tmp_path / "seed0" / name / "distill_config.yaml").read_text())
                     for name in ("kd-fkl", "kd-fkl-τ--2", "kd-fkl-α--1")}
