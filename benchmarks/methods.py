@@ -61,6 +61,7 @@ class Method:
     teacher_embeddings: bool = False  # the student starts from the teacher's embeddings (principal projection)
     temperature: float = TrainingRun.temperature  # the quickstart's, unless the method names another
     alpha_kd: float = TrainingRun.alpha_kd
+    opd_estimator: str = TrainingRun.opd_estimator
 
 
 METHODS = (
@@ -81,6 +82,7 @@ METHODS = (
     Method("SKD", "vanilla", source="skd"),
     Method("SWITCH", "vanilla", source="switch"),
     Method("OPD (k1)", "opd", source="student"),  # sampled-token policy gradient on the student's own samples
+    Method("OPD (k3)", "opd", source="student", opd_estimator="k3"),
     Method("SFT, own tokenizer", "sft", cross_tokenizer=True),
     Method("DSKD-ETA", "dskd_eta", cross_tokenizer=True),
     Method("ULD", "uld", cross_tokenizer=True),
@@ -194,7 +196,7 @@ def _jobs(task: Task, methods: list[Method], seeds: list[int], sampling_seeds: t
         for method in methods:
             run = TrainingRun(method.objective, settings.student_steps, settings.student_learning_rate,
                               settings.batch_size, method.source, settings.max_new_tokens, method.divergence,
-                              method.temperature, method.alpha_kd)
+                              method.temperature, method.alpha_kd, method.opd_estimator)
             group = students[method.cross_tokenizer]
             directory = group.directory / f"seed{seed}" / _slug(method.name)
             init = inits[method.cross_tokenizer, method.teacher_embeddings]

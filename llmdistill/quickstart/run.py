@@ -74,6 +74,7 @@ class TrainingRun:
     divergence: str = "fkl"
     temperature: float = 1.0
     alpha_kd: float = 0.5
+    opd_estimator: str = "k1"  # objective opd only
 
 
 def run_quickstart(
@@ -344,6 +345,7 @@ def _train(
         alpha_kd=run.alpha_kd,
         divergence=run.divergence,
         temperature=run.temperature,
+        opd_estimator=run.opd_estimator,
         student_model_name_or_path=str(student_dir),
         teacher_model_name_or_path=str(teacher_dir) if teacher_dir else None,
         max_steps=run.steps,
