@@ -13,13 +13,11 @@ Writes benchmarks/results/on_policy.md.
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 
-import torch
 from llmdistill.quickstart.run import student_name
-from student_comparison import METRICS, command, mean_std, parse_args, run_seeds, table, teacher_line, write
+from student_comparison import METRICS, mean_std, parse_args, run_seeds, single_threaded_run, table, teacher_line, write
 
 SOURCES = ("gt", "mixed", "adaptive", "skd", "switch")
 LONG_TASKS = ("count", "multiples")
@@ -63,9 +61,7 @@ def main() -> None:
     lines = [
         "# Sources of the KD sequences on the quickstart task",
         "",
-        f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command('on_policy.py', args)}`: one "
-        f"teacher (quickstart seed 0), students over seeds {args.seeds} (mean ± std; n = {len(runs)}); torch threads: "
-        f"{torch.get_num_threads()}.",
+        single_threaded_run("on_policy.py", args, runs),
         "Every KD student: vanilla KD (forward KL), alpha_kd 0.5, CE on the dataset's responses, same initialisation,",
         "steps and data order; generation during training samples at temperature 1 (up to 160 new tokens). SWITCH:",
         "τ0 = 0.3, λ = 0.1, exp schedule; SKD: top-25; GKD: λ = 0.5; DistiLLM: replay buffer 1000, validation loss",

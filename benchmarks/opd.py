@@ -12,12 +12,10 @@ a policy gradient with per-token advantage log p_T − log q_S. SFT is the floor
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch
 from llmdistill.quickstart.run import student_name
-from student_comparison import command, parse_args, run_seeds, table, teacher_line, write
+from student_comparison import parse_args, run_seeds, single_threaded_run, table, teacher_line, write
 
 RESULTS = Path(__file__).parent / "results" / "opd.md"
 
@@ -29,9 +27,7 @@ def main() -> None:
     lines = [
         "# Sampled-token on-policy distillation (OPD) against on-policy KD on the quickstart task",
         "",
-        f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command('opd.py', args)}`: one teacher "
-        f"(quickstart seed 0), students over seeds {args.seeds} (mean ± std; n = {len(runs)}); torch threads: "
-        f"{torch.get_num_threads()}.",
+        single_threaded_run("opd.py", args, runs),
         "The quickstart's default students (800 steps from the teacher's embeddings), alpha_kd 0.5, CE on the",
         "dataset's responses. Both distilled students train on the student's own samples (temperature 1, up to 160",
         "new tokens): KD with forward KL over the full distributions, OPD with the k1 estimator on the sampled tokens.",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
+
+import torch
 
 from llmdistill.quickstart.run import run_quickstart, student_name
 
@@ -94,6 +97,13 @@ def command(script: str, args: argparse.Namespace) -> str:
     return f"python benchmarks/{script} " + " ".join(
         ["--seeds", *map(str, args.seeds)] + (["--smoke"] if args.smoke else [])
     )
+
+
+def single_threaded_run(script: str, args: argparse.Namespace, runs: list[dict]) -> str:
+    """The opening sentence of a results file measured under OMP_NUM_THREADS: the command, the teacher, the seeds."""
+    return (f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command(script, args)}`: one teacher "
+            f"(quickstart seed 0), students over seeds {args.seeds} (mean ± std; n = {len(runs)}); torch threads: "
+            f"{torch.get_num_threads()}.")
 
 
 def write(text: str, path: Path) -> None:
