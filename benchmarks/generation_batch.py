@@ -59,18 +59,17 @@ def main() -> None:
         sys.exit(f"only {len(prompts)} held-out prompts for {needed} rows: lower --steps")
     sampling = Sampling(max_new_tokens=args.new_tokens, temperature=1.0)
     totals = {"one rollout per step": [0.0, 0], "one rollout per micro-batch": [0.0, 0]}
-    with torch.no_grad():
-        for step in range(args.steps):
-            step_prompts = prompts[step * rows_per_step:(step + 1) * rows_per_step]
-            groups = {
-                "one rollout per step": [step_prompts],
-                "one rollout per micro-batch": [step_prompts[start:start + args.micro_batch]
-                                                for start in range(0, rows_per_step, args.micro_batch)],
-            }
-            for name in (list(groups) if step % 2 == 0 else list(groups)[::-1]):
-                seconds, tokens = timed_rollouts(student, tokenizer, groups[name], sampling, seed=step)
-                totals[name][0] += seconds
-                totals[name][1] += tokens
+    for step in range(args.steps):
+        step_prompts = prompts[step * rows_per_step:(step + 1) * rows_per_step]
+        groups = {
+            "one rollout per step": [step_prompts],
+            "one rollout per micro-batch": [step_prompts[start:start + args.micro_batch]
+                                            for start in range(0, rows_per_step, args.micro_batch)],
+        }
+        for name in (list(groups) if step % 2 == 0 else list(groups)[::-1]):
+            seconds, tokens = timed_rollouts(student, tokenizer, groups[name], sampling, seed=step)
+            totals[name][0] += seconds
+            totals[name][1] += tokens
     write(totals, args)
 
 
