@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -70,13 +71,25 @@ def _load_json_file(path: Path, field: str) -> datasets.Dataset:
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{field}={str(path)!r} must be a .jsonl (one JSON object per line) or .json file.")
     try:
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+        with _datasets_quiet():
+            dataset = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as error:  # datasets wraps every reading error alike: find the line it came from
         problem = json_file_problem(path) or first_line(error.__cause__ or error)
         raise DataError(f"{field}={str(path)!r}: {problem}.") from error
     if len(dataset) == 0:
         raise DataError(f"{field}={str(path)!r} holds no rows.")
     return dataset
+
+
+@contextmanager
+def _datasets_quiet():
+    """datasets logs a reading error before it raises it; the raised one becomes a one-line DataError instead."""
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def json_file_problem(path: Path) -> str | None:

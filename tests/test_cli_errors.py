@@ -221,6 +221,22 @@ def test_the_console_script_prints_one_line_and_debug_the_traceback(tmp_path, tr
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ModelError" in debug.stderr
 
 
+def test_a_malformed_file_through_the_console_script_prints_exactly_one_line(tmp_path, model_dirs, train_file):
+    """datasets logs its own reading error to the process's stderr before raising it: only ours may show."""
+    data = tmp_path / "broken.jsonl"
+    data.write_text(train_file.read_text() + '{"prompt": "x", "output": \n')
+    line = len(train_file.read_text().splitlines()) + 1
+    arguments = ["train", "--student_model_name_or_path", str(model_dirs[1]), "--dataset_name_or_path", str(data),
+                 "--objective", "sft", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true"]
+    result = subprocess.run([sys.executable, "-m", "llmdistill", *arguments], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"llmdistill: error: dataset_name_or_path='{data}': line {line} is not valid JSON (Expecting value, column "
+        "27): fix or remove it."
+    ]
+
+
 def test_a_run_shows_progress_lines_not_raw_log_dicts(train_args, capsys):
     main([*train_args, "--logging_steps", "1"])
     out = capsys.readouterr().out
