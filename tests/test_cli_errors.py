@@ -29,6 +29,12 @@ def fails(*argv: str, capsys) -> str:
     return lines[-1].removeprefix("llmdistill: error: ")
 
 
+def console_script(*argv: str, cwd, env=None) -> subprocess.CompletedProcess:
+    """Runs `llmdistill` as users run it, in a subprocess (its own stderr, where every logger writes)."""
+    return subprocess.run([sys.executable, "-m", "llmdistill", *argv], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=cwd)
+
+
 @pytest.fixture()
 def train_args(tmp_path, model_dirs, train_file) -> list[str]:
     teacher_dir, student_dir = model_dirs
@@ -205,8 +211,7 @@ def test_the_console_script_prints_one_line_and_debug_the_traceback(tmp_path, tr
     environment = os.environ | {"HF_HUB_OFFLINE": "1"}
 
     def run(*flags):
-        return subprocess.run([sys.executable, "-m", "llmdistill", *flags, *arguments], capture_output=True,
-                              text=True, timeout=300, env=environment, cwd=tmp_path)
+        return console_script(*flags, *arguments, cwd=tmp_path, env=environment)
 
     plain = run()
     assert plain.returncode == 2, plain.stderr[-2000:]
@@ -228,8 +233,7 @@ def test_a_malformed_file_through_the_console_script_prints_exactly_one_line(tmp
     line = len(train_file.read_text().splitlines()) + 1
     arguments = ["train", "--student_model_name_or_path", str(model_dirs[1]), "--dataset_name_or_path", str(data),
                  "--objective", "sft", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true"]
-    result = subprocess.run([sys.executable, "-m", "llmdistill", *arguments], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path)
+    result = console_script(*arguments, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"llmdistill: error: dataset_name_or_path='{data}': line {line} is not valid JSON (Expecting value, column "
