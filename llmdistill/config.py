@@ -138,8 +138,13 @@ class DistillConfig(TrainingArguments):
         default="both",
         metadata={"help": "DSKD ablations: both spaces, student (student space only) or teacher (teacher space only)."},
     )
-    projector_learning_rate: float = field(
-        default=1e-3, metadata={"help": "Learning rate of the DSKD projectors (their own parameter group)."}
+    projector_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the DSKD/CMA projectors (their own parameter groups). Unset: each projector "
+            "layer gets 0.3 · rms(W) / √fan_in, which bounds Adam's first steps to 30% of the layer's outputs on any "
+            "pair of models (the papers' 1e-3 blows up on real checkpoints; llmdistill.projector_rates says why)."
+        },
     )
     loss_chunk_size: int | None = field(
         default=None,
@@ -252,7 +257,10 @@ class DistillConfig(TrainingArguments):
         _require_choice("opd_estimator", self.opd_estimator, ESTIMATORS)
         _require_choice("dskd_s2t", self.dskd_s2t, ("closed_form", "learned"))
         _require_choice("dskd_spaces", self.dskd_spaces, ("both", "student", "teacher"))
-        self._require("projector_learning_rate", self.projector_learning_rate > 0, "must be > 0")
+        if self.projector_learning_rate is not None:
+            self._require(
+                "projector_learning_rate", self.projector_learning_rate > 0, "must be > 0, or unset to scale it"
+            )
         if self.loss_chunk_size is not None:
             self._require("loss_chunk_size", self.loss_chunk_size >= 1, "must be ≥ 1, or unset to choose automatically")
         if self.use_peft:

@@ -35,6 +35,7 @@ from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_
 from .objectives.dskd import DualSpaceProjectors
 from .evaluation import exact_match, rouge_l
 from .progress import TrainingProgress
+from .projector_rates import projector_param_groups
 from .rollout import Intervention, Sampling, divergence_statistics, rollout
 from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
 from .teachers import TEACHER_INDEX_COLUMN, MixtureHead, mixture_signal, route_indices
@@ -144,7 +145,7 @@ class DistillTrainer(Trainer):
         if self.is_fsdp_enabled:
             self._keep_head_whole_under_fsdp()
         self.teacher, self.teachers, self.objective, self.teacher_cache = None, [], None, None
-        self._projectors_in_model = False
+        self._projectors_in_model, self._projector_groups = False, []
         if args.uses_teacher:
             self._set_up_teacher(teachers, tokenizer, teacher_tokenizer)
         self._set_up_source(tokenizer, teacher_tokenizer)
@@ -189,7 +190,9 @@ class DistillTrainer(Trainer):
         self._projectors_in_model = self.projectors is not None and self.is_deepspeed_enabled
         if self._projectors_in_model:
             self.model.add_module(PROJECTORS_MODULE, self.projectors)
+        # Read from the projectors' initial weights, before any step, so a resumed run gets the same rates.
         if self.projectors is not None:
+            self._projector_groups = projector_param_groups(self.projectors, args.projector_learning_rate)
             if not self._projectors_in_model:  # neither DDP's gradient averaging nor DeepSpeed's reaches them
                 self._projector_gradients = _AverageGradients(list(self.projectors.parameters()))
                 self.add_callback(self._projector_gradients)
@@ -576,17 +579,17 @@ class DistillTrainer(Trainer):
         return getattr(self.objective, "projectors", None)
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer, plus the projectors as their own parameter group (projector_learning_rate)."""
+        """The Trainer's optimizer, plus the projectors in groups of their own (projector_learning_rate, or scaled
+        to each projector layer: llmdistill.projector_rates)."""
         optimizer = super().create_optimizer(model)
-        trainable = [p for p in self.projectors.parameters() if p.requires_grad] if self.projectors else []
-        if trainable and not any(group.get("projectors") for group in optimizer.param_groups):
+        groups = self._projector_groups
+        if groups and not any(group.get("projectors") for group in optimizer.param_groups):
             if self._projectors_in_model:  # the Trainer grouped them with the student's own parameters
-                ours = set(trainable)
+                ours = {p for group in groups for p in group["params"]}
                 for group in optimizer.param_groups:
                     group["params"] = [p for p in group["params"] if p not in ours]
-            optimizer.add_param_group(
-                {"params": trainable, "lr": self.args.projector_learning_rate, "weight_decay": 0.0, "projectors": True}
-            )
+            for group in groups:
+                optimizer.add_param_group(group)
         return optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
