@@ -90,6 +90,33 @@ def trained_pair(args):
     return student, teacher, prompts["input_ids"], prompts["attention_mask"], label
 
 
+def real_pair(args):
+    """Qwen2.5-Coder-1.5B-Instruct teaching Qwen2.5-Coder-0.5B-Instruct ($LLMDISTILL_MODELS, from
+    ../shared/models/fetch.py) on GSM8K test questions in the chat template, left-padded: (student, teacher, ids,
+    mask, label)."""
+    from llmdistill.models import load_tokenizer
+
+    folder = Path(os.environ.get("LLMDISTILL_MODELS", "")).expanduser()
+    names = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
+    if not all((folder / name / "config.json").is_file() for name in names):
+        sys.exit(f"--pair real: set LLMDISTILL_MODELS to a folder holding {' and '.join(names)}")
+    student, teacher = (AutoModelForCausalLM.from_pretrained(folder / name, dtype=torch.float32).eval() for name in names)
+    tokenizer = load_tokenizer(str(folder / names[0]))
+    tokenizer.padding_side = "left"
+    gsm8k = Path(__file__).resolve().parents[2] / "shared" / "data" / "datasets" / "gsm8k" / "test.jsonl"
+    with open(gsm8k) as lines:
+        questions = [json.loads(line)["question"] for line, _ in zip(lines, range(args.batch))]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True) for question in questions]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    label = (f"Teacher: Qwen2.5-Coder-1.5B-Instruct (1.78 B parameters); student: Qwen2.5-Coder-0.5B-Instruct (630 M), "
+             f"fp32, from ../shared/models/fetch.py; the first {args.batch} GSM8K test questions in the chat template")
+    return student, teacher, encoded["input_ids"], encoded["attention_mask"], label
+
+
+PAIRS = {"random": random_pair, "trained": trained_pair, "real": real_pair}
+
+
 @torch.no_grad()
 def naive_switch(student, teacher, ids, mask, intervention: Intervention, sampling: Sampling, generator):
     """SWITCH by recomputation: both models run over the whole prefix at every step; the same draws as the engine."""
@@ -131,10 +158,10 @@ def timed(run, repeats: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", choices=["random", "trained"], default="random")
+    parser.add_argument("--pair", choices=list(PAIRS), default="random")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64, help="random pair: prompt length")
-    parser.add_argument("--new-tokens", type=int, help="default 128 (random pair), 48 (trained pair)")
+    parser.add_argument("--new-tokens", type=int, help="default 128 (random pair), 48 (trained pair), 64 (real pair)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--draft-tokens", type=int, default=8, help="speculative SWITCH: most tokens per draft")
     parser.add_argument("--tau0", type=float, default=0.3, help="SWITCH threshold τ0 (λ = 0.1, exp)")
@@ -142,9 +169,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/rollout-trained"), help="trained pair: its models")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    args.new_tokens = args.new_tokens or (128 if args.pair == "random" else 48)
-    args.output = args.output or RESULTS / ("rollout.md" if args.pair == "random" else "rollout_trained.md")
-    student, teacher, ids, mask, args.label = (random_pair if args.pair == "random" else trained_pair)(args)
+    args.new_tokens = args.new_tokens or {"random": 128, "trained": 48, "real": 64}[args.pair]
+    args.output = args.output or RESULTS / ("rollout.md" if args.pair == "random" else f"rollout_{args.pair}.md")
+    student, teacher, ids, mask, args.label = PAIRS[args.pair](args)
     vocab = student.config.vocab_size
     sampling = Sampling(max_new_tokens=args.new_tokens, temperature=1.0)
     rules = {"switch": Intervention(rule="switch", switch_tau0=args.tau0, switch_decay=0.1),
@@ -161,18 +188,26 @@ def main() -> None:
         assert torch.equal(produced[name].sequences, speculative.sequences), f"speculative {name} changed the tokens"
         for mode, draft_tokens in ((f"engine_{name}", 0), (f"speculative_{name}", args.draft_tokens)):
             calls[mode] = forward_calls(engine(rule, draft_tokens), student, teacher)
-    seconds["naive_switch"], naive = timed(
-        lambda: naive_switch(student, teacher, ids, mask, rules["switch"], sampling, torch.Generator().manual_seed(1)),
-        1,
-    )
-    assert torch.equal(produced["switch"].sequences, naive), "the engine and the recomputation made different tokens"
-    seconds["student_generate"], plain = timed(
-        lambda: student.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
-        ),
+    if args.pair != "real":  # recomputing a 1.5 B teacher over every prefix would take most of an hour on a CPU
+        seconds["naive_switch"], naive = timed(
+            lambda: naive_switch(student, teacher, ids, mask, rules["switch"], sampling, torch.Generator().manual_seed(1)),
+            1,
+        )
+        assert torch.equal(produced["switch"].sequences, naive), "the engine and the recomputation made different tokens"
+    seconds["engine_student"], _ = timed(  # source: student, as the trainer runs it
+        lambda: rollout(student, None, ids, mask, Intervention(), sampling, NO_EOS, 0, torch.Generator().manual_seed(1)),
         args.repeats,
     )
+
+    def generate(model):
+        return lambda: model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
+        )
+
+    seconds["student_generate"], plain = timed(generate(student), args.repeats)
+    if args.pair == "real":
+        seconds["teacher_generate"], _ = timed(generate(teacher), args.repeats)
     seconds["teacher_pass"], _ = timed(
         lambda: teacher(input_ids=plain, attention_mask=torch.cat([mask, torch.ones_like(plain[:, ids.shape[1]:])], 1),
                         output_hidden_states=True, logits_to_keep=1),
@@ -183,7 +218,7 @@ def main() -> None:
     switch = produced["switch"]
     rows = {
         "new_tokens_per_s": {name: tokens / spent for name, spent in seconds.items() if name != "teacher_pass"},
-        "speedup_vs_naive": seconds["naive_switch"] / seconds["engine_switch"],
+        "speedup_vs_naive": seconds["naive_switch"] / seconds["engine_switch"] if "naive_switch" in seconds else None,
         "vs_student_plus_teacher_pass": {
             name: seconds[name] / baseline for name in seconds if name.startswith(("engine_", "speculative_"))
         },
@@ -216,21 +251,32 @@ def write(rows: dict, args) -> None:
         f"`python benchmarks/rollout.py --pair {args.pair} --batch {args.batch} --new-tokens {args.new_tokens} --tau0 "
         f"{args.tau0} --draft-tokens {args.draft_tokens}` on {machine()}. {args.label}. Sampling at temperature 1, EOS "
         f"disabled; SWITCH τ0 = {args.tau0}, λ = 0.1 (exp); SKD top-25. Token by token and speculative produce the "
-        "same tokens, and the engine the same as recomputation (asserted). Ratios are to a plain student rollout "
+        "same tokens, and the engine the same as recomputation (asserted, except on the real pair). Ratios are to a plain student rollout "
         "(`student.generate`) plus one teacher pass over its output.",
         "",
         "| measurement | value |",
         "|---|---|",
-        f"| student-only sampling (`student.generate`, KV cache) | {rates['student_generate']:.0f} new tokens/s |",
-        f"| SWITCH, naive recomputation of both models | {rates['naive_switch']:.0f} new tokens/s |",
-        f"| speed-up of the engine over recomputation | **{rows['speedup_vs_naive']:.1f}×** |",
+        f"| student-only sampling (`student.generate`, KV cache) | {rates['student_generate']:.1f} new tokens/s |",
+        f"| `source: student` (the engine, student alone) | {rates['engine_student']:.1f} new tokens/s, "
+        f"**{rates['engine_student'] / rates['student_generate']:.2f}×** `student.generate`'s rate |",
     ]
+    if "teacher_generate" in rates:
+        both = 1 / (1 / rates["student_generate"] + 1 / rates["teacher_generate"])
+        lines += [
+            f"| teacher-only sampling (`teacher.generate`) | {rates['teacher_generate']:.1f} new tokens/s |",
+            f"| both models one after the other (1 / (1/student + 1/teacher)) | {both:.1f} new tokens/s |",
+        ]
+    if rows["speedup_vs_naive"] is not None:
+        lines += [
+            f"| SWITCH, naive recomputation of both models | {rates['naive_switch']:.0f} new tokens/s |",
+            f"| speed-up of the engine over recomputation | **{rows['speedup_vs_naive']:.1f}×** |",
+        ]
     for name, title in (("switch", "SWITCH"), ("skd", "SKD")):
         lines.append(f"| {title}: teacher-written fraction | {written[name]:.2f} |")
         for mode, how in ((f"engine_{name}", "token by token"),
                           (f"speculative_{name}", f"speculative (drafts of up to {args.draft_tokens})")):
             lines.append(
-                f"| {title}, {how} | {rates[mode]:.0f} new tokens/s, **{ratios[mode]:.2f}×**; forward calls per new "
+                f"| {title}, {how} | {rates[mode]:.1f} new tokens/s, **{ratios[mode]:.2f}×**; forward calls per new "
                 f"token: student {calls[mode]['student']:.2f}, teacher {calls[mode]['teacher']:.2f} |"
             )
     lines += [

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer import TRAINER_STATE_NAME
@@ -27,8 +27,8 @@ from .distributed import (
 from .errors import ConfigError, DataError, ModelError, NonFiniteLossError
 from .losses import distill_loss_from_hidden
 from .models import (
-    LMHead, check_model_source, eval_mode, freeze, head_row_count, last_hidden_states, load_model, load_tokenizer,
-    same_tokenizer_files, supervised_hidden_states, with_adapter,
+    LMHead, check_model_source, eval_mode, freeze, head_row_count, last_hidden_states, load_config, load_model,
+    load_tokenizer, same_tokenizer_files, supervised_hidden_states, with_adapter,
 )
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
 from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
@@ -234,8 +234,8 @@ class DistillTrainer(Trainer):
         args = self.args
         splits = {"train": self.train_dataset} | ({"eval": self.eval_dataset} if self.eval_dataset is not None else {})
         topk = args.teacher_cache_kind == "topk"
-        config = teacher.config if not isinstance(teacher, str) else AutoConfig.from_pretrained(
-            teacher, trust_remote_code=args.trust_remote_code
+        config = teacher.config if not isinstance(teacher, str) else load_config(
+            teacher, args.trust_remote_code, field="teacher_model_name_or_path"
         )
         expected = {
             "kind": args.teacher_cache_kind,
