@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from .data import IGNORE_INDEX
 from .divergences import divergence_from_logprobs, validate_divergence
@@ -153,18 +152,42 @@ def top1_from_hidden(hidden: torch.Tensor, head: torch.Tensor | LMHead, rows: in
     )
 
 
-def checkpointed_chunk_sum(terms, *rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def chunk_sum_with_gradients(terms, *rows: torch.Tensor, params: list[torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Σ over chunks of positions of `terms(*chunk_rows)` (a scalar per chunk), for losses without a closed-form
-    gradient here (ULD, MinED). Each chunk's [chunk, V] activations are recomputed in backward instead of kept, so
-    memory holds one chunk's logits at a time whatever the number of positions."""
+    gradient here (ULD, MinED, OPD); `params` are the trainable tensors `terms` reads besides its rows (the student
+    head). Each chunk's gradients with respect to its rows and `params` are taken as soon as its value is, so memory
+    holds one chunk's [chunk, V] activations at a time and nothing is recomputed in backward (recomputing, as
+    activation checkpointing does, ran every chunk's head products and sorts twice). The returned sum carries
+    those gradients into the caller's graph through a linear surrogate, Σ g · x − stopgrad(Σ g · x), whose
+    gradient with respect to each x is its stored g."""
+    if not torch.is_grad_enabled():
+        return sum((terms(*chunk) for chunk in _chunks(rows, chunk_size)), rows[0].new_zeros((), dtype=torch.float32))
+    trainable_rows = [index for index, tensor in enumerate(rows) if tensor.requires_grad]
+    trainable_params = [p for p in params if p.requires_grad]
+    inputs = [rows[index] for index in trainable_rows] + trainable_params
+    grads = [torch.zeros_like(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32)) for tensor in inputs]
     total = rows[0].new_zeros((), dtype=torch.float32)
+    for start, chunk in zip(range(0, len(rows[0]), chunk_size), _chunks(rows, chunk_size)):
+        chunk = [tensor.detach().requires_grad_(tensor.requires_grad) for tensor in chunk]
+        value = terms(*chunk)
+        if value.requires_grad:
+            found = torch.autograd.grad(value, [chunk[i] for i in trainable_rows] + trainable_params, allow_unused=True)
+            for index, grad in enumerate(found):
+                if grad is not None and index < len(trainable_rows):
+                    grads[index][start : start + len(grad)] += grad
+                elif grad is not None:
+                    grads[index] += grad
+        total = total + value.detach().float()
+    surrogate = sum(
+        (torch.dot(grad.to(tensor.dtype).reshape(-1), tensor.reshape(-1)) for grad, tensor in zip(grads, inputs)),
+        total.new_zeros(()),
+    )
+    return total + (surrogate - surrogate.detach())
+
+
+def _chunks(rows, chunk_size: int):
     for start in range(0, len(rows[0]), chunk_size):
-        chunk = [tensor[start : start + chunk_size] for tensor in rows]
-        if torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(terms, *chunk, use_reentrant=False)
-        else:
-            total = total + terms(*chunk)
-    return total
+        yield [tensor[start : start + chunk_size] for tensor in rows]
 
 
 def _as_head(head: torch.Tensor | LMHead | None) -> LMHead | None:

@@ -292,6 +292,10 @@ class LMHead(NamedTuple):
         """The same head with no gradient into its weight and bias."""
         return LMHead(self.weight.detach(), None if self.bias is None else self.bias.detach(), self.softcap)
 
+    def params(self) -> list[torch.Tensor]:
+        """The weight and, if any, the bias."""
+        return [self.weight] + ([] if self.bias is None else [self.bias])
+
     def logits(self, hidden: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """Logits over the first `rows` vocabulary ids (all by default), in the head's dtype."""
         return self.cap(self.linear(hidden, rows))

@@ -7,8 +7,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmdistill.divergences import divergence_per_position
 from llmdistill import losses
-from llmdistill.losses import default_chunk_size, distill_loss_from_hidden, kd_loss_from_hidden
+from llmdistill.losses import chunk_sum_with_gradients, default_chunk_size, distill_loss_from_hidden, kd_loss_from_hidden
 from llmdistill.models import LMHead
+
+from conftest import assert_same_loss_and_gradients
 
 NAMES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"]
 PARAMS = {"beta": 0.3, "skew_alpha": 0.2, "akl_mu": 0.4}  # non-default, so dropped parameters are caught
@@ -424,3 +426,20 @@ def test_top1_outputs_are_the_argmaxes_of_both_models():
     ce_only = distill_loss_from_hidden(student_hidden, student_weight, labels=labels, chunk_size=7)
     assert ce_only.teacher_top1 is None
     assert torch.equal(ce_only.student_top1, (student_hidden @ student_weight.T).argmax(-1))
+
+
+def test_chunk_sum_with_gradients_equals_the_whole_sum_and_its_gradients():
+    """Per-chunk gradients taken in forward (ULD, MinED, OPD) reach the rows and the head as autograd would."""
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 6, requires_grad=True)
+    weight = torch.randn(40, 6, requires_grad=True)
+    targets = torch.randn(11, 40).softmax(-1)
+
+    def terms(rows, target):
+        probs = torch.softmax(rows @ weight.T, -1).sort(-1, descending=True).values
+        return (probs - target.sort(-1, descending=True).values).abs().sum()
+
+    # rows that are not leaves (2 · hidden): the gradient must flow through them
+    ours = 3 * chunk_sum_with_gradients(terms, 2 * hidden, targets, params=[weight], chunk_size=4)
+    reference = 3 * terms(2 * hidden, targets)
+    assert_same_loss_and_gradients(ours, reference, [hidden, weight])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..losses import checkpointed_chunk_sum, default_chunk_size
+from ..losses import chunk_sum_with_gradients, default_chunk_size
 from ..models import LMHead
 from .cross_batch import CrossTokenizerBatch
 from .cross_common import alignment_metrics, gold_cross_entropy, teacher_to_student_ids
@@ -52,10 +52,13 @@ class MinEditDistanceKD:
             logits = student.head.logits(student_hidden).float() / self.temperature
             return F.cross_entropy(logits, gold, reduction="sum")
 
-        paired = checkpointed_chunk_sum(
-            reindexed_kl, student.hidden[student_index], teacher.hidden[teacher_index], chunk_size=chunk
+        head = student.head.params()
+        paired = chunk_sum_with_gradients(
+            reindexed_kl, student.hidden[student_index], teacher.hidden[teacher_index], params=head, chunk_size=chunk
         )
-        one_hot = checkpointed_chunk_sum(one_hot_kl, student.hidden[unpaired], student.targets[unpaired], chunk_size=chunk)
+        one_hot = chunk_sum_with_gradients(
+            one_hot_kl, student.hidden[unpaired], student.targets[unpaired], params=head, chunk_size=chunk
+        )
         kd = paired + one_hot
         gold = gold_cross_entropy(student, ce_weight, self.chunk_size)
         metrics = alignment_metrics(batch) | {"mined_fraction": torch.tensor(len(student_index) / max(len(unpaired), 1))}

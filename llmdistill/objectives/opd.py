@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import checkpointed_chunk_sum, default_chunk_size, distill_loss_from_hidden
+from ..losses import chunk_sum_with_gradients, default_chunk_size, distill_loss_from_hidden
 from ..models import LMHead
 from .output import ObjectiveOutput
 
@@ -55,7 +55,9 @@ class SampledTokenOPD:
             surrogate = (weights * log_q).sum()
             return values.sum() + (surrogate - surrogate.detach())
 
-        kd = checkpointed_chunk_sum(chunk_kd, student_hidden, labels, teacher_logprobs, chunk_size=chunk)
+        kd = chunk_sum_with_gradients(
+            chunk_kd, student_hidden, labels, teacher_logprobs, params=student_head.params(), chunk_size=chunk
+        )
         loss, ce = kd_weight * kd, kd.new_zeros(())
         if not _is_zero(ce_weight):  # gold batches: CE on the dataset's responses, as every objective adds it
             sums = distill_loss_from_hidden(student_hidden, student_head, labels=labels, ce_weight=ce_weight,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..losses import checkpointed_chunk_sum, default_chunk_size
+from ..losses import chunk_sum_with_gradients, default_chunk_size
 from .cross_batch import CrossTokenizerBatch, Positions
 from .cross_common import alignment_metrics, gold_cross_entropy
 from .output import ObjectiveOutput
@@ -49,8 +49,8 @@ class UniversalLogitKD:
             return sorted_probability_distance(teacher.head.logits(teacher_hidden), student_logits, self.temperature).sum()
 
         vocab = max(student.head.weight.shape[0], teacher.head.weight.shape[0])
-        kd = checkpointed_chunk_sum(
-            distance, student.hidden[student_index], teacher.hidden[teacher_index],
+        kd = chunk_sum_with_gradients(
+            distance, student.hidden[student_index], teacher.hidden[teacher_index], params=student.head.params(),
             chunk_size=self.chunk_size or default_chunk_size(vocab, student.hidden.device),
         )
         gold = gold_cross_entropy(student, ce_weight, self.chunk_size)
