@@ -151,10 +151,10 @@ def _decode_token_by_token(students, teachers, steps, noise, intervention, sampl
 
 
 def _decode_speculatively(students, teachers, steps, noise, intervention, sampling, vocab_size, draft_tokens) -> None:
-    """Speculative SWITCH/SKD: the student drafts up to `draft_tokens` tokens alone (fewer after the teacher wrote
+    """Speculative SWITCH/SKD: the student drafts up to `draft_tokens` tokens alone (fewer after the teacher changed
     one: see `draft`), the teacher scores them in one parallel pass, and the rule decides position by position; at
-    the first position where the teacher writes a token in any row, every row's token there is final, the drafts
-    after it are dropped and both KV caches are cut back to it. Each step's sampling noise is drawn once, in the
+    the first position where the teacher writes a token other than the draft in any row, every row's token there is
+    final, the drafts after it are dropped and both KV caches are cut back to it. Each step's sampling noise is drawn once, in the
     token-by-token order, so a dropped draft is redrawn identically and the output equals token-by-token decoding for
     the same generator (tested). The teacher reads each round's final token together with the next round's drafts,
     one pass per round instead of two."""
@@ -179,14 +179,16 @@ def _decode_speculatively(students, teachers, steps, noise, intervention, sampli
             divergence = jensen_shannon(shared_teacher, shared_student)
             teacher_token = sample(shared_teacher, sampling, noise=noise.at(step + offset, shared_teacher)[1])
             teacher_writes = _teacher_writes(intervention, divergence, step + offset, shared_teacher, drafts[offset])
-            all_finished = steps.add(torch.where(teacher_writes, teacher_token, drafts[offset]), teacher_writes,
-                                     divergence, student_hidden[offset], teacher_hidden[offset])
-            if all_finished or bool((teacher_writes & steps.alive[-1]).any()):
+            token = torch.where(teacher_writes, teacher_token, drafts[offset])
+            all_finished = steps.add(token, teacher_writes, divergence, student_hidden[offset], teacher_hidden[offset])
+            # A teacher token equal to the draft leaves both caches true: only a changed token ends the round.
+            changed = bool(((token != drafts[offset]) & steps.alive[-1]).any())
+            if all_finished or changed:
                 break
         accepted = offset + 1
-        # draft as far as the student was trusted lately: doubling after a round without a teacher token, back to
+        # draft as far as the student was trusted lately: doubling after a round with no changed token, back to
         # the run it kept before one (1 drafts a token at a time, at the cost of token-by-token decoding)
-        draft = min(2 * draft, draft_tokens) if accepted == width and not steps.written[-1].any() else accepted
+        draft = min(2 * draft, draft_tokens) if accepted == width and not changed else accepted
         step += accepted
         noise.release(step)
         if all_finished or step == sampling.max_new_tokens:
