@@ -9,7 +9,7 @@ on the same kind of sequences). Off-policy: TRL's `GKDTrainer` with `lmbda: 0` (
 `source: gt`, `divergence: jsd`, `alpha_kd: 1`. Both sides: a tiny Qwen2 teacher (2 × 128) and student (2 × 64) over
 Qwen3's real tokenizer (151,669 ids), fp32, batch 4, Dolly prompts, 64 new tokens (on-policy), one thread.
 `--pair real`: Qwen2.5-Coder-1.5B-Instruct teaching Qwen2.5-Coder-0.5B-Instruct ($LLMDISTILL_MODELS, from
-../shared/models/fetch.py), fp32, batch 2, GSM8K rows, 32 new tokens, at most 256 tokens off-policy, both cores;
+../shared/models/fetch.py), fp32, batch 2, GSM8K rows, 32 new tokens, at most 384 tokens off-policy, both cores;
 writes results/peers_real.md.
 
 Each measurement runs in a fresh process (`--run NAME`), so its peak resident memory is its own; the steps after the
@@ -54,7 +54,7 @@ class Setting:
 
 SETTINGS = {
     "tiny": Setting(batch=4, new_tokens=64, max_prompt_tokens=192, steps=6, off_policy_max_length=1024, threads=1),
-    "real": Setting(batch=2, new_tokens=32, max_prompt_tokens=192, steps=4, off_policy_max_length=256, threads=2),
+    "real": Setting(batch=2, new_tokens=32, max_prompt_tokens=192, steps=4, off_policy_max_length=384, threads=2),
 }
 
 
