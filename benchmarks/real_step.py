@@ -38,6 +38,7 @@ OBJECTIVES = {  # objective: (teacher, student)
     "dskd": (QWEN_15, QWEN_05),
     "dskd_eta": (QWEN_05, SMOLLM),
     "uld": (QWEN_05, SMOLLM),
+    "mined": (QWEN_05, SMOLLM),
 }
 ALPHA = 0.5
 
@@ -121,7 +122,7 @@ def run_plain(objective: str, args) -> dict:
     teacher.requires_grad_(False)
     student_tokenizer = load_tokenizer(config.student_model_name_or_path)
     teacher_tokenizer = load_tokenizer(config.teacher_model_name_or_path)
-    cross = objective in ("dskd_eta", "uld")
+    cross = objective in ("dskd_eta", "uld", "mined")
     dataset = _tokenise(rows, config, student_tokenizer, "train", teacher_tokenizer if cross else None)
     collate = DistillCollator(student_tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
     batches = [collate([dataset[i] for i in range(start, start + 2)]) for start in range(0, len(dataset) - 1, 2)]
@@ -275,7 +276,40 @@ def plain_uld(teacher, student, *_):
     return step, []
 
 
-PLAIN_STEPS = {"vanilla": plain_vanilla, "dskd": plain_dskd, "dskd_eta": plain_dskd_eta, "uld": plain_uld}
+def plain_mined(teacher, student, student_tokenizer, teacher_tokenizer):
+    """MinED (METHODS §3.4): at the warping's 1-to-1 pairs whose teacher token has the student token's text, forward
+    KL to the teacher's distribution re-indexed into the student vocabulary (renormalised); elsewhere a one-hot on
+    the gold token (plain CE)."""
+    from llmdistill.objectives.cross_batch import token_pairs_to_positions
+    from llmdistill.objectives.cross_common import teacher_to_student_ids
+    from llmdistill.vocab import VocabBridge
+
+    student_rows = student.get_output_embeddings().weight.shape[0]
+    to_student = teacher_to_student_ids(VocabBridge.between(teacher_tokenizer, student_tokenizer),
+                                        teacher.get_output_embeddings().weight.shape[0], student_rows, "cpu")
+    mapped = torch.nonzero(to_student >= 0).squeeze(1)
+
+    def step(batch):
+        _, z_t, _, z_s, gold = both_sides(teacher, student, batch)
+        teacher_gold = batch["teacher_labels"][:, 1:][response_mask(batch["teacher_labels"])]
+        pairs = token_pairs_to_positions(batch["mined_pairs"], batch["teacher_labels"], batch["labels"])
+        pairs = pairs[to_student[teacher_gold[pairs[:, 0]]] == gold[pairs[:, 1]]]
+        probs = torch.softmax(z_t[pairs[:, 0]].float(), -1)
+        target = probs.new_zeros(len(pairs), student_rows).index_add_(1, to_student[mapped], probs[:, mapped])
+        target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
+        log_q = F.log_softmax(z_s.float(), -1)
+        paired = (torch.xlogy(target, target) - target * log_q[pairs[:, 1]]).sum()
+        unpaired = torch.ones(len(gold), dtype=torch.bool)
+        unpaired[pairs[:, 1]] = False
+        one_hot = F.nll_loss(log_q[unpaired], gold[unpaired], reduction="sum")
+        return (1 - ALPHA) * F.nll_loss(log_q, gold) + ALPHA * (paired + one_hot) / len(gold)
+
+    return step, []
+
+
+PLAIN_STEPS = {
+    "vanilla": plain_vanilla, "dskd": plain_dskd, "dskd_eta": plain_dskd_eta, "uld": plain_uld, "mined": plain_mined,
+}
 
 
 def one(args) -> None:
