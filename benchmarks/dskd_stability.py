@@ -15,37 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from real_checkpoints import QWEN_05, QWEN_15, SMOLLM, gsm8k_messages, models_dir
+
 RESULTS = Path(__file__).parent / "results" / "dskd_stability"
-PAIRS = {  # name: (teacher folder, student folder) under $LLMDISTILL_MODELS
-    "qwen": ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"),
-    "qwen-eta": ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"),
-}
+PAIRS = {"qwen": (QWEN_15, QWEN_05), "qwen-eta": (QWEN_05, SMOLLM)}  # name: (teacher, student) folders
 DEFAULT_CASES = ("qwen:dskd:1e-3", "qwen:dskd:scaled", "qwen-eta:dskd_eta:1e-3", "qwen-eta:dskd_eta:scaled")
 CURVES = ("ce_ts", "t2s_accuracy", "kd_ts", "kd_st", "ce", "kd")
-
-
-def gsm8k_messages(split: str, rows: int, path: Path) -> Path:
-    with open(SHARED / "data" / "datasets" / "gsm8k" / f"{split}.jsonl") as source, open(path, "w") as out:
-        for line, _ in zip(source, range(rows)):
-            row = json.loads(line)
-            turns = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
-            out.write(json.dumps({"messages": turns}) + "\n")
-    return path
 
 
 def run_case(case: str, steps: int, eval_rows: int, output: Path) -> None:
     from llmdistill import DistillConfig, DistillTrainer
 
     pair, objective, projector_lr = case.split(":")
-    models = Path(os.environ["LLMDISTILL_MODELS"]).expanduser()
+    models = models_dir(*PAIRS[pair])
     teacher, student = (str(models / name) for name in PAIRS[pair])
     with tempfile.TemporaryDirectory() as scratch:
         config = DistillConfig(
@@ -126,8 +114,7 @@ def main() -> None:
     if args.one:
         run_case(args.one, args.steps, args.eval_rows, args.output)
         return
-    if "LLMDISTILL_MODELS" not in os.environ:
-        raise SystemExit("set LLMDISTILL_MODELS to the folder of ../shared/models/fetch.py's checkpoints")
+    models_dir(*{name for case in args.cases for name in PAIRS[case.split(":")[0]]})
     args.results.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for case in args.cases:  # one process each: the models' memory is returned between cases

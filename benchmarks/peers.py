@@ -73,10 +73,10 @@ class StepClock(TrainerCallback):
 
 def build_real_pair(folder: Path, setting: Setting) -> None:
     """Links to the real teacher and student folders, and GSM8K training rows."""
-    models = Path(os.environ.get("LLMDISTILL_MODELS", "")).expanduser()
+    from real_checkpoints import models_dir
+
+    models = models_dir(QWEN_TEACHER, QWEN_STUDENT)
     for role, name in (("teacher", QWEN_TEACHER), ("student", QWEN_STUDENT)):
-        if not (models / name / "config.json").is_file():
-            sys.exit(f"--pair real: set LLMDISTILL_MODELS to the folder holding {name} (../shared/models/fetch.py)")
         (folder / role).symlink_to(models / name)
     with open(SHARED_DATA / "datasets" / "gsm8k" / "train.jsonl") as source, open(folder / "rows.jsonl", "w") as file:
         for line, _ in zip(source, range(setting.batch * setting.steps * 2)):

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from real_checkpoints import QWEN_05, QWEN_15, SMOLLM, gsm8k_messages, models_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 RESULTS = Path(__file__).parent / "results" / "real_step.md"
-QWEN_15, QWEN_05, SMOLLM = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"
 OBJECTIVES = {  # objective: (teacher, student)
     "vanilla": (QWEN_15, QWEN_05),
     "dskd": (QWEN_15, QWEN_05),
@@ -43,29 +42,15 @@ OBJECTIVES = {  # objective: (teacher, student)
 ALPHA = 0.5
 
 
-def models_dir() -> Path:
-    if "LLMDISTILL_MODELS" not in os.environ:
-        raise SystemExit("set LLMDISTILL_MODELS to the folder of ../shared/models/fetch.py's checkpoints")
-    return Path(os.environ["LLMDISTILL_MODELS"]).expanduser()
-
-
-def gsm8k_messages(rows: int, path: Path) -> Path:
-    with open(SHARED / "data" / "datasets" / "gsm8k" / "train.jsonl") as source, open(path, "w") as out:
-        for line, _ in zip(source, range(rows)):
-            row = json.loads(line)
-            turns = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
-            out.write(json.dumps({"messages": turns}) + "\n")
-    return path
-
-
 def config_for(objective: str, scratch: Path, args):
     from llmdistill import DistillConfig
 
     teacher, student = OBJECTIVES[objective]
+    models = models_dir(teacher, student)
     return DistillConfig(
-        output_dir=str(scratch / "out"), teacher_model_name_or_path=str(models_dir() / teacher),
-        student_model_name_or_path=str(models_dir() / student), objective=objective, alpha_kd=ALPHA,
-        dataset_name_or_path=str(gsm8k_messages(2 * (args.warmup + args.steps), scratch / "train.jsonl")),
+        output_dir=str(scratch / "out"), teacher_model_name_or_path=str(models / teacher),
+        student_model_name_or_path=str(models / student), objective=objective, alpha_kd=ALPHA,
+        dataset_name_or_path=str(gsm8k_messages("train", 2 * (args.warmup + args.steps), scratch / "train.jsonl")),
         per_device_train_batch_size=2, max_length=args.max_length, max_prompt_length=args.max_length - 32,
         learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no", report_to=[], seed=0,
@@ -334,7 +319,7 @@ def main() -> None:
     if args.side:
         one(args)
         return
-    models_dir()
+    models_dir(*{name for objective in args.objectives for name in OBJECTIVES[objective]})
     lines = header(args)
     for objective in args.objectives:
         runs = {"llmdistill": [], "plain": []}

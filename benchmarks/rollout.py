@@ -96,10 +96,10 @@ def real_pair(args):
     mask, label)."""
     from llmdistill.models import load_tokenizer
 
-    folder = Path(os.environ.get("LLMDISTILL_MODELS", "")).expanduser()
-    names = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
-    if not all((folder / name / "config.json").is_file() for name in names):
-        sys.exit(f"--pair real: set LLMDISTILL_MODELS to a folder holding {' and '.join(names)}")
+    from real_checkpoints import QWEN_05, QWEN_15, models_dir
+
+    names = (QWEN_05, QWEN_15)
+    folder = models_dir(*names)
     student, teacher = (AutoModelForCausalLM.from_pretrained(folder / name, dtype=torch.float32).eval() for name in names)
     tokenizer = load_tokenizer(str(folder / names[0]))
     tokenizer.padding_side = "left"
