@@ -89,6 +89,8 @@ def _run(argv: list[str]) -> None:
     evaluate.add_argument("--teacher", help="teacher folder: adds held-out teacher→student KL and top-1 agreement")
     evaluate.add_argument("--seeds", nargs="+", type=int, default=[10, 20, 30, 40, 50])
     evaluate.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling at T = 1")
+    evaluate.add_argument("--chat-template", action="store_true",
+                          help="give each request as a user turn through the model's chat template (instruct models)")
     evaluate.add_argument("--output-dir", type=Path, help="default: MODEL/eval")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--max-prompt-length", type=int, default=256, help="prompts keep their last N tokens")
@@ -178,7 +180,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation import Protocol, evaluate_model, results_markdown
 
     protocol = Protocol(args.max_prompt_length, args.max_length, temperature=0.0 if args.greedy else 1.0,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, chat_template=args.chat_template)
     seeds = tuple(args.seeds[:1]) if args.greedy else tuple(args.seeds)  # greedy decoding ignores the seed
     results = evaluate_model(args.model, args.data, args.output_dir or Path(args.model) / "eval", args.teacher,
                              seeds, protocol, args.limit)

@@ -171,7 +171,8 @@ _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 @dataclass(frozen=True)
 class Protocol:
     """Generation settings of the evaluation: sampling at temperature 1, top-p 1, top-k 0 (temperature 0 = greedy);
-    prompts keep their last `max_prompt_length` tokens and prompt + response stay within `max_length`."""
+    prompts keep their last `max_prompt_length` tokens and prompt + response stay within `max_length`. With
+    `chat_template` each prompt's instruction is one user turn through the model's chat template (instruct models)."""
 
     max_prompt_length: int = 256
     max_length: int = 512
@@ -179,13 +180,15 @@ class Protocol:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 16
+    chat_template: bool = False
 
 
 class EvalSet(NamedTuple):
     name: str
-    prompts: list[str]
+    prompts: list[str]  # the papers' plain prompt texts
     references: list[list[str]]  # one or more references per prompt (S-NI has several)
     gsm8k: bool  # score by the final number, not ROUGE-L
+    user_turns: list[str]  # the same requests as a chat user would write them (no "### Instruction" scaffold)
 
 
 def load_eval_set(path: str | Path, limit: int | None = None) -> EvalSet:
@@ -202,14 +205,35 @@ def load_eval_set(path: str | Path, limit: int | None = None) -> EvalSet:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
     if {"question", "answer"} <= rows[0].keys():
         prompts = [GSM8K_PROMPT.format(question=row["question"]) for row in rows]
-        return EvalSet(_set_name(path), prompts, [[row["answer"]] for row in rows], gsm8k=True)
+        questions = [row["question"] for row in rows]
+        return EvalSet(_set_name(path), prompts, [[row["answer"]] for row in rows], True, questions)
     if not {"prompt", "output"} <= rows[0].keys():
         raise DataError(
             f"--data {path}: rows need 'prompt' and 'output' (a reference or a list of them), or GSM8K's 'question' and "
             f"'answer'; the first row has {sorted(rows[0])}."
         )
     references = [row["output"] if isinstance(row["output"], list) else [row["output"]] for row in rows]
-    return EvalSet(_set_name(path), [row["prompt"] for row in rows], references, gsm8k=False)
+    return EvalSet(_set_name(path), [row["prompt"] for row in rows], references, False, list(map(_user_turn, rows)))
+
+
+def _user_turn(row: dict) -> str:
+    """An instruction row (MiniLLM's files keep `instruction` and `input` beside the templated `prompt`) as one user
+    message; a row without them is its prompt."""
+    if not row.get("instruction"):
+        return row["prompt"]
+    return row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+
+
+def model_prompts(eval_set: EvalSet, tokenizer: PreTrainedTokenizerBase, protocol: Protocol) -> list[str]:
+    """The prompt texts a model is given: the plain prompts, or each user turn through its chat template."""
+    if not protocol.chat_template:
+        return eval_set.prompts
+    if not tokenizer.chat_template:
+        raise DataError("--chat-template: the model's tokenizer has no chat template; leave the flag out.")
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": turn}], tokenize=False, add_generation_prompt=True)
+        for turn in eval_set.user_turns
+    ]
 
 
 def _set_name(path: Path) -> str:
@@ -245,7 +269,8 @@ def sample_responses(
 
 def _left_padded(tokenizer, prompts: list[str], protocol: Protocol, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of the prompts, each cut to its last `max_prompt_length` tokens, left-padded."""
-    encoded = [ids[-protocol.max_prompt_length :] for ids in tokenizer(prompts)["input_ids"]]
+    rendered = tokenizer(prompts, add_special_tokens=not protocol.chat_template)["input_ids"]  # a template has its own
+    encoded = [ids[-protocol.max_prompt_length :] for ids in rendered]
     width = max(map(len, encoded))
     ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -319,17 +344,16 @@ def evaluate_model(
     results, predictions_file = {"model": str(model_dir), "seeds": list(seeds), "protocol": vars(protocol),
                                  "datasets": {}}, []
     for eval_set in eval_sets:
-        per_seed = []
+        per_seed, prompts = [], model_prompts(eval_set, tokenizer, protocol)
         for seed in seeds:
-            predictions = sample_responses(model, tokenizer, eval_set.prompts, protocol, seed, progress)
+            predictions = sample_responses(model, tokenizer, prompts, protocol, seed, progress)
             per_seed.append(score(eval_set, predictions))
             predictions_file += [
                 {"dataset": eval_set.name, "seed": seed, "prompt": prompt, "prediction": prediction}
-                for prompt, prediction in zip(eval_set.prompts, predictions)
+                for prompt, prediction in zip(prompts, predictions)
             ]
         row = _mean_and_std(per_seed)
-        if teacher is not None:
-            row |= _fidelity_on_references(teacher, model, tokenizer, teacher_tokenizer, eval_set, protocol)
+        row |= _reference_scores(model, tokenizer, teacher, teacher_tokenizer, eval_set, protocol)
         results["datasets"][eval_set.name] = row
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "results.md").write_text(results_markdown(results) + "\n")
@@ -346,23 +370,38 @@ def _mean_and_std(per_seed: list[dict[str, float]]) -> dict[str, float]:
     return row
 
 
-def _fidelity_on_references(teacher, model, tokenizer, teacher_tokenizer, eval_set: EvalSet, protocol: Protocol):
-    keep = protocol.max_prompt_length - 1  # room for a BOS token
-    bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
-    cross = not bridge.same_vocabulary
+def _reference_scores(model, tokenizer, teacher, teacher_tokenizer, eval_set: EvalSet, protocol: Protocol) -> dict:
+    """The model's CE on the first references and, with a teacher, teacher→student KL and top-1 agreement there."""
+    cross = teacher is not None and not VocabBridge.between(teacher_tokenizer, tokenizer).same_vocabulary
     readers = (tokenizer, teacher_tokenizer) if cross else (tokenizer,)
-    rows = datasets.Dataset.from_list([  # the prompt's end that fits every reader's prompt budget
-        {"prompt": min((_last_tokens(prompt, reader, keep) for reader in readers), key=len), "response": references[0]}
-        for prompt, references in zip(eval_set.prompts, eval_set.references) if references[0].strip()
-    ])
-    fmt = ExampleFormat(prompt_column="prompt", response_column="response")
+    rows, fmt = _reference_rows(eval_set, protocol, readers)
     tokenised = prepare_dataset(rows, tokenizer, fmt, protocol.max_prompt_length, protocol.max_length,
                                 drop_overlong_prompts=True, name=eval_set.name,
                                 teacher_tokenizer=teacher_tokenizer if cross else None)
+    scores = {"reference_ce": gold_cross_entropy(model, tokenised, tokenizer.pad_token_id, protocol.batch_size)}
     if cross:
-        return cross_tokenizer_fidelity(teacher, model, tokenised, bridge, tokenizer.pad_token_id,
-                                        teacher_tokenizer.pad_token_id)
-    return teacher_student_fidelity(teacher, model, tokenised, tokenizer.pad_token_id)
+        bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
+        scores |= cross_tokenizer_fidelity(teacher, model, tokenised, bridge, tokenizer.pad_token_id,
+                                           teacher_tokenizer.pad_token_id)
+    elif teacher is not None:
+        scores |= teacher_student_fidelity(teacher, model, tokenised, tokenizer.pad_token_id)
+    return scores
+
+
+def _reference_rows(eval_set: EvalSet, protocol: Protocol, readers) -> tuple[datasets.Dataset, ExampleFormat]:
+    """Each prompt with its first reference as the response: chat turns (each reader renders its own template), or
+    the plain prompt's end that fits every reader's prompt budget."""
+    pairs = [(i, references[0]) for i, references in enumerate(eval_set.references) if references[0].strip()]
+    if protocol.chat_template:
+        turns = [[{"role": "user", "content": eval_set.user_turns[i]}, {"role": "assistant", "content": reference}]
+                 for i, reference in pairs]
+        return datasets.Dataset.from_list([{"messages": m} for m in turns]), ExampleFormat(messages_column="messages")
+    keep = protocol.max_prompt_length - 1  # room for a BOS token
+    return datasets.Dataset.from_list([
+        {"prompt": min((_last_tokens(eval_set.prompts[i], reader, keep) for reader in readers), key=len),
+         "response": reference}
+        for i, reference in pairs
+    ]), ExampleFormat(prompt_column="prompt", response_column="response")
 
 
 def _last_tokens(text: str, tokenizer, count: int) -> str:
@@ -375,12 +414,13 @@ def _last_tokens(text: str, tokenizer, count: int) -> str:
 def results_markdown(results: dict) -> str:
     """One row per dataset: the metric as mean ± std over seeds, and fidelity when a teacher was given."""
     lines = [f"Model: `{results['model']}`; seeds {results['seeds']}.", "",
-             "| data | metric | mean ± std over seeds | teacher→student KL | top-1 agreement % |", "|---|---|---|---|---|"]
+             "| data | metric | mean ± std over seeds | reference CE | teacher→student KL | top-1 agreement % |",
+             "|---|---|---|---|---|---|"]
     for name, row in results["datasets"].items():
         metric = "exact_match" if "exact_match" in row else "rouge_l"
         kl, agreement = row.get("teacher_student_kl"), row.get("top1_agreement")
         lines.append(
-            f"| {name} | {metric} | {row[metric]:.2f} ± {row[metric + '_std']:.2f} | "
+            f"| {name} | {metric} | {row[metric]:.2f} ± {row[metric + '_std']:.2f} | {row['reference_ce']:.3f} | "
             f"{'—' if kl is None else f'{kl:.3f}'} | {'—' if agreement is None else f'{agreement:.1f}'} |"
         )
     return "\n".join(lines)

@@ -143,3 +143,52 @@ def test_fidelity_across_tokenizers_cuts_long_prompts_to_fit_both_readers(tmp_pa
                              limit=3, progress=False)
     row = results["datasets"]["self-inst"]
     assert row["teacher_student_kl"] >= 0 and 0 <= row["top1_agreement"] <= 100
+
+
+def _with_chat_template(tokenizer):
+    chat = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>", pad_token="<pad>")
+    chat.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return chat
+
+
+@needs_shared_data
+def test_chat_template_evaluation_gives_each_request_as_a_user_turn(tmp_path, tokenizer):
+    """Instruct models are asked the way they were tuned: Dolly's instruction and input, GSM8K's bare question, in
+    the model's chat template; references are scored in the same form (CE, and KL with a teacher)."""
+    from llmdistill.evaluation import evaluate_model, model_prompts
+
+    chat = _with_chat_template(tokenizer)
+    dolly = SHARED_DATA / "datasets" / "minillm-kd-eval" / "dolly" / "valid.jsonl"
+    gsm8k = SHARED_DATA / "datasets" / "gsm8k" / "test.jsonl"
+    first_dolly, first_gsm8k = (json.loads(path.open().readline()) for path in (dolly, gsm8k))
+    protocol = Protocol(max_prompt_length=200, max_length=224, temperature=0.0, batch_size=2, chat_template=True)
+    [dolly_prompt] = model_prompts(load_eval_set(dolly, limit=1), chat, protocol)
+    assert dolly_prompt == f"<user>{first_dolly['instruction']}\n\n{first_dolly['input']}\n<assistant>"
+    folders = {}
+    for name, model in (("teacher", tiny_gpt2(len(chat))), ("student", tiny_llama(len(chat)))):
+        model.save_pretrained(tmp_path / name)
+        chat.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    results = evaluate_model(folders["student"], [gsm8k], tmp_path / "eval", folders["teacher"], (0,), protocol,
+                             limit=2, progress=False)
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert prompts[0] == f"<user>{first_gsm8k['question']}\n<assistant>"
+    row = results["datasets"]["gsm8k"]
+    assert 0 < row["reference_ce"] < 20 and row["teacher_student_kl"] > 0
+    plain = evaluate_model(folders["student"], [gsm8k], tmp_path / "plain", None, (0,),
+                           Protocol(max_prompt_length=200, max_length=224, temperature=0.0, batch_size=2), limit=2,
+                           progress=False)
+    assert plain["datasets"]["gsm8k"]["reference_ce"] != row["reference_ce"]
+
+
+def test_chat_template_evaluation_of_a_model_without_one_names_the_flag(tokenizer):
+    from llmdistill.errors import DataError
+    from llmdistill.evaluation import EvalSet, model_prompts
+
+    eval_set = EvalSet("x", ["### Instruction:\nhi\n\n### Response:\n"], [["hello"]], False, ["hi"])
+    with pytest.raises(DataError, match="--chat-template"):
+        model_prompts(eval_set, tokenizer, Protocol(chat_template=True))
+    assert model_prompts(eval_set, _with_chat_template(tokenizer), Protocol(chat_template=True)) == ["<user>hi\n<assistant>"]
