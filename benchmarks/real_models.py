@@ -1,0 +1,432 @@
+"""The papers' claims on real checkpoints: which methods make the better student from a real, task-tuned teacher.
+
+    python ../shared/models/fetch.py ~/.cache/llmdistill-models        # once: real checkpoints as HF folders
+    LLMDISTILL_MODELS=~/.cache/llmdistill-models python benchmarks/real_models.py                  # CPU budget
+    LLMDISTILL_MODELS=... python benchmarks/real_models.py --comparisons cross                      # one comparison
+    LLMDISTILL_MODELS=... python benchmarks/real_models.py --budget gpu                             # on a GPU, bf16
+    python benchmarks/real_models.py --render                             # rewrite the report from the saved scores
+
+As METHODS §6 asks, the teacher is first fine-tuned on the task (GSM8K's training rows, chain-of-thought answers,
+through its chat template); every student of a comparison starts from the same checkpoint, sees the same rows in
+the same order and the same optimizer settings; only the method changes. Each student is then evaluated the papers'
+way through its chat template: GSM8K test accuracy on the final number (greedy), ROUGE-L on Dolly (sampled at
+T = 1), the student's CE on the references, and teacher→student KL on them (top-1 agreement too); GSM8K and Dolly
+are also split at the median reference length (SWITCH's claim is about long responses).
+
+Comparisons: `same` (one vocabulary: SFT, vanilla KD, DSKD, on-policy KD, SWITCH, SKD; the KD methods share
+objective, divergence and α, so on-policy vs off-policy differ only in who writes the responses) and `cross`
+(different vocabularies: SFT, DSKD-ETA, ULD, MinED, CMA, simple_ctkd). Every stage runs in its own process, writes
+its result under --work (default ~/.cache/llmdistill-real-models; models never enter the repository) and is skipped
+when its result is there, so an interrupted run goes on where it stopped. Writes benchmarks/results/real_models.md
+and real_models.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from real_checkpoints import (
+    QWEN_05,
+    QWEN_15,
+    SHARED,
+    SMOLLM,
+    gsm8k_messages,
+    models_dir,
+)
+
+RESULTS = Path(__file__).parent / "results" / "real_models"
+GSM8K_TEST = SHARED / "data" / "datasets" / "gsm8k" / "test.jsonl"
+DOLLY = SHARED / "data" / "datasets" / "minillm-kd-eval" / "dolly" / "valid.jsonl"
+HALF_DEPTH = "half-depth"  # the same-vocabulary student of the CPU budget: the teacher's base cut to every other layer
+
+
+@dataclass(frozen=True)
+class Budget:
+    teacher: str
+    same_student: str  # a model folder name, or HALF_DEPTH
+    teacher_steps: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seeds: tuple[int, ...]
+    gsm8k_problems: int
+    dolly_prompts: int
+    bf16: bool
+    max_length: int = 256  # training rows: prompt + response tokens
+    max_prompt_length: int = 192
+    eval_max_length: int = 384  # evaluation: prompt (≤ 256) + generated response
+    max_new_tokens: int = 192  # on-policy rollouts
+
+
+BUDGETS = {
+    # 2 CPU cores, fp32: about an hour per comparison at one seed (see the report for the measured times).
+    "cpu": Budget(teacher=QWEN_05, same_student=HALF_DEPTH, teacher_steps=60, steps=30, batch_size=2,
+                  learning_rate=2e-5, seeds=(0,), gsm8k_problems=200, dolly_prompts=50, bf16=False),
+    # One GPU, bf16: the issue's 1,000 steps on the papers' pair (Qwen 1.5B teacher, 0.5B student), three seeds.
+    "gpu": Budget(teacher=QWEN_15, same_student=QWEN_05, teacher_steps=1000, steps=1000, batch_size=16,
+                  learning_rate=2e-5, seeds=(0, 1, 2), gsm8k_problems=1319, dolly_prompts=500, bf16=True,
+                  max_length=512, max_prompt_length=256, eval_max_length=768, max_new_tokens=256),
+    # Seconds per stage: every code path once, for checking the script (its scores mean nothing).
+    "smoke": Budget(teacher=QWEN_05, same_student=HALF_DEPTH, teacher_steps=1, steps=1, batch_size=1,
+                    learning_rate=2e-5, seeds=(0,), gsm8k_problems=2, dolly_prompts=2, bf16=False,
+                    eval_max_length=288, max_new_tokens=8),
+}
+KD = {"objective": "vanilla", "divergence": "fkl", "alpha_kd": 0.5}
+COMPARISONS = {
+    "same": {
+        "sft": {"objective": "sft"},
+        "vanilla_kd": KD,
+        "dskd": {**KD, "objective": "dskd"},
+        "on_policy": {**KD, "source": "student"},
+        "switch": {**KD, "source": "switch"},
+        "skd": {**KD, "source": "skd"},
+    },
+    "cross": {
+        "sft": {"objective": "sft"},
+        "dskd_eta": {**KD, "objective": "dskd_eta"},
+        "uld": {**KD, "objective": "uld"},
+        "mined": {**KD, "objective": "mined"},
+        "cma": {**KD, "objective": "cma"},
+        "simple_ctkd": {**KD, "objective": "simple_ctkd"},
+    },
+}
+
+# Written before any run (committed with the first report); the verdicts below them come from the scores.
+PREDICTIONS = {
+    "dskd_beats_kd": "DSKD ≥ vanilla KD on GSM8K accuracy and reference CE (the DSKD papers' claim); at 30 CPU steps "
+                     "we expect the two within noise of each other, DSKD's projector terms still settling.",
+    "dskd_eta_beats_cross": "DSKD-ETA beats ULD, MinED, CMA and simple_ctkd on reference CE and GSM8K accuracy; all "
+                            "of them close to SFT at this budget (SmolLM2-135M's GSM8K accuracy is near zero).",
+    "switch_beats_on_policy": "SWITCH ≥ on-policy KD, the gap larger on the longer half of the responses.",
+    "on_policy_beats_off_policy": "On-policy KD ≥ off-policy (vanilla) KD on GSM8K accuracy; on reference CE the "
+                                  "off-policy student is lower (it trains on the references).",
+    "kd_beats_sft": "Every KD method ≤ SFT's teacher→student KL; on reference CE SFT is lowest at this budget.",
+}
+CLAIMS = {
+    "dskd_beats_kd": ("same", "dskd", "vanilla_kd"),
+    "dskd_eta_beats_cross": ("cross", "dskd_eta", "uld", "mined", "cma", "simple_ctkd"),
+    "switch_beats_on_policy": ("same", "switch", "on_policy"),
+    "on_policy_beats_off_policy": ("same", "on_policy", "vanilla_kd"),
+    "kd_beats_sft": None,
+}
+
+
+class Work:
+    """Where every stage's output lives under --work."""
+
+    def __init__(self, root: Path, budget: str):
+        self.root = root / budget
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def scores(self, name: str) -> Path:
+        return self.root / "scores" / f"{name}.json"
+
+    def rows(self, count: int) -> Path:
+        path = self.root / f"gsm8k_train_{count}.jsonl"
+        if not path.exists():
+            gsm8k_messages("train", count, path)
+        return path
+
+
+def student_of(comparison: str, budget: Budget, work: Work) -> Path:
+    if comparison == "cross":
+        return models_dir(SMOLLM) / SMOLLM
+    if budget.same_student == HALF_DEPTH:
+        return work.model("student-half-depth")
+    return models_dir(budget.same_student) / budget.same_student
+
+
+# ---- stages (each runs in its own process) -------------------------------------------------------------------------
+
+
+def train(work: Work, budget: Budget, name: str, student: Path, teacher: Path | None, method: dict, steps: int,
+          seed: int) -> None:
+    from llmdistill import DistillConfig, DistillTrainer
+
+    output = work.model(name)
+    config = DistillConfig(
+        output_dir=str(output), student_model_name_or_path=str(student),
+        teacher_model_name_or_path=str(teacher) if teacher else None,
+        dataset_name_or_path=str(work.rows(steps * budget.batch_size)), per_device_train_batch_size=budget.batch_size,
+        max_length=budget.max_length, max_prompt_length=budget.max_prompt_length, drop_overlong_prompts=True,
+        max_new_tokens=budget.max_new_tokens, learning_rate=budget.learning_rate,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, steps // 10), max_steps=steps,
+        logging_steps=1, save_strategy="no", report_to=[], seed=seed, disable_tqdm=True,
+        bf16=budget.bf16, **method,
+    )
+    trainer = DistillTrainer(args=config)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    trainer.save_model(str(output))
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    (output / "training.json").write_text(json.dumps({"seconds": seconds, "method": method, "logs": logs}))
+
+
+def half_depth_student(work: Work, budget: Budget) -> None:
+    """The teacher's base checkpoint with every other decoder layer kept (DistilBERT's initialisation)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = models_dir(QWEN_05) / QWEN_05
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    kept = list(range(0, model.config.num_hidden_layers, 2))
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in kept)
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = index
+    model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    model.config.num_hidden_layers = len(kept)
+    model.save_pretrained(work.model("student-half-depth"))
+    AutoTokenizer.from_pretrained(source).save_pretrained(work.model("student-half-depth"))
+
+
+def evaluate(work: Work, budget: Budget, name: str, model: Path, teacher: Path | None) -> None:
+    from llmdistill.evaluation import (
+        Protocol,
+        evaluate_model,
+        final_number,
+        rouge_l_best,
+    )
+
+    scores = {}
+    runs = (("gsm8k", GSM8K_TEST, 0.0, budget.gsm8k_problems), ("dolly", DOLLY, 1.0, budget.dolly_prompts))
+    for data_name, data, temperature, limit in runs:
+        # CPU decoding reads every weight per step whatever the batch: large batches are nearly free
+        protocol = Protocol(256, budget.eval_max_length, temperature=temperature, batch_size=64, chat_template=True)
+        folder = work.root / "eval" / name / data_name
+        result = evaluate_model(model, [data], folder, teacher, (10,), protocol, limit, progress=False)
+        row = result["datasets"][data_name]
+        predictions = [json.loads(line)["prediction"] for line in (folder / "predictions.jsonl").open()]
+        references = [json.loads(line) for line, _ in zip(data.open(), range(limit))]
+        references = [r["answer"] if "answer" in r else r["output"] for r in references]
+        if data_name == "gsm8k":
+            per_row = [100.0 * (final_number(p) is not None and final_number(p) == final_number(r))
+                       for p, r in zip(predictions, references)]
+        else:
+            per_row = [rouge_l_best([p], [[r]]) for p, r in zip(predictions, references)]
+        row |= _by_length(per_row, references)
+        row["mean_response_words"] = statistics.mean(len(p.split()) for p in predictions)
+        scores[data_name] = row
+    path = work.scores(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scores, indent=1))
+
+
+def _by_length(per_row: list[float], references: list[str]) -> dict[str, float]:
+    """The per-row score averaged over the rows with the shorter and the longer half of the references."""
+    lengths = [len(reference.split()) for reference in references]
+    median = statistics.median(lengths)
+    short = [score for score, length in zip(per_row, lengths) if length <= median]
+    long = [score for score, length in zip(per_row, lengths) if length > median]
+    return {"short_half": statistics.mean(short), "long_half": statistics.mean(long) if long else float("nan"),
+            "median_reference_words": median}
+
+
+# ---- orchestration ---------------------------------------------------------------------------------------------------
+
+
+def plan(budget: Budget, work: Work, comparisons: list[str]) -> list[tuple[str, list[str]]]:
+    """(stage name, its arguments for --one) in order, each skipped later when its output exists."""
+    stages = [("teacher-sft", ["teacher"]), ("eval:teacher", ["eval", "teacher"])]
+    for comparison in comparisons:
+        if comparison == "same" and budget.same_student == HALF_DEPTH:
+            stages.append(("student-half-depth", ["half-depth"]))
+        stages.append((f"eval:{comparison}-untrained", ["eval", f"{comparison}-untrained"]))
+        for seed in budget.seeds:
+            for method in COMPARISONS[comparison]:
+                name = f"{comparison}-{method}-s{seed}"
+                stages += [(name, ["train", comparison, method, str(seed)]), (f"eval:{name}", ["eval", name])]
+    return stages
+
+
+def done(stage: str, work: Work) -> bool:
+    if stage.startswith("eval:"):
+        return work.scores(stage[5:]).exists()
+    return (work.model(stage) / "config.json").exists()
+
+
+def run_one(arguments: list[str], budget: Budget, work: Work) -> None:
+    teacher = work.model("teacher-sft")
+    kind = arguments[0]
+    if kind == "teacher":
+        base = models_dir(budget.teacher) / budget.teacher
+        train(work, budget, "teacher-sft", base, None, {"objective": "sft"}, budget.teacher_steps, seed=0)
+    elif kind == "half-depth":
+        half_depth_student(work, budget)
+    elif kind == "train":
+        comparison, method, seed = arguments[1:]
+        train(work, budget, f"{comparison}-{method}-s{seed}", student_of(comparison, budget, work), teacher,
+              COMPARISONS[comparison][method], budget.steps, int(seed))
+    elif kind == "eval":
+        name = arguments[1]
+        if name == "teacher":
+            evaluate(work, budget, name, teacher, None)
+        elif name.endswith("-untrained"):
+            evaluate(work, budget, name, student_of(name.split("-")[0], budget, work), teacher)
+        else:
+            evaluate(work, budget, name, work.model(name), teacher)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=BUDGETS, default="cpu")
+    parser.add_argument("--comparisons", nargs="+", choices=COMPARISONS, default=["cross", "same"])
+    parser.add_argument("--work", type=Path, default=Path("~/.cache/llmdistill-real-models").expanduser())
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help="rewrite the report from the saved scores")
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # internal: run one stage in this process
+    args = parser.parse_args()
+    budget, work = BUDGETS[args.budget], Work(args.work, args.budget)
+    if args.one:
+        run_one(args.one, budget, work)
+        return
+    if not args.render:
+        models_dir(budget.teacher, SMOLLM, QWEN_05)
+        for stage, arguments in plan(budget, work, args.comparisons):
+            if done(stage, work):
+                continue
+            started = time.perf_counter()
+            command = [sys.executable, __file__, "--budget", args.budget, "--work", str(args.work), "--one", *arguments]
+            subprocess.run(command, check=True)
+            print(f"{stage}: {time.perf_counter() - started:.0f} s", flush=True)
+            _record_time(work, stage, time.perf_counter() - started)
+            write_report(budget, args.budget, work, args.results)
+    write_report(budget, args.budget, work, args.results)
+
+
+def _record_time(work: Work, stage: str, seconds: float) -> None:
+    path = work.root / "stage_seconds.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(times | {stage: round(seconds)}, indent=1))
+
+
+# ---- report ----------------------------------------------------------------------------------------------------------
+
+
+def write_report(budget: Budget, budget_name: str, work: Work, results: Path) -> None:
+    scores = {path.stem: json.loads(path.read_text()) for path in sorted((work.root / "scores").glob("*.json"))}
+    times_path = work.root / "stage_seconds.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".json").write_text(json.dumps(
+        {"budget": budget_name, "settings": asdict(budget), "scores": scores, "stage_seconds": times}, indent=1))
+    results.with_suffix(".md").write_text(report(budget, budget_name, scores, times))
+
+
+COLUMNS = (  # (heading, data set, score key, format)
+    ("GSM8K acc %", "gsm8k", "exact_match", ".1f"), ("short half", "gsm8k", "short_half", ".1f"),
+    ("long half", "gsm8k", "long_half", ".1f"), ("GSM8K ref CE", "gsm8k", "reference_ce", ".3f"),
+    ("GSM8K KL", "gsm8k", "teacher_student_kl", ".3f"), ("top-1 agr %", "gsm8k", "top1_agreement", ".1f"),
+    ("Dolly ROUGE-L", "dolly", "rouge_l", ".2f"), ("Dolly long half", "dolly", "long_half", ".2f"),
+    ("Dolly ref CE", "dolly", "reference_ce", ".3f"), ("Dolly KL", "dolly", "teacher_student_kl", ".3f"),
+)
+
+
+def report(budget: Budget, budget_name: str, scores: dict, times: dict) -> str:
+    lines = [
+        "# The papers' claims on real checkpoints", "",
+        f"Produced by `LLMDISTILL_MODELS=... python benchmarks/real_models.py --budget {budget_name}` "
+        "(stages resume from `--work`; `--render` rewrites this file from the saved scores).", "",
+        "## Settings", "", f"`{asdict(budget)}`", "",
+        f"Teacher: `{budget.teacher}` fine-tuned on GSM8K first ({budget.teacher_steps} steps × {budget.batch_size} "
+        "rows, SFT). Students: "
+        + ("Qwen2.5-Coder-0.5B-Instruct cut to every other layer (12 of 24; DistilBERT's initialisation, "
+           "a documented cheaper same-vocabulary student)" if budget.same_student == HALF_DEPTH else budget.same_student)
+        + f" for `same`, SmolLM2-135M-Instruct for `cross`; {budget.steps} steps × {budget.batch_size} GSM8K rows "
+        f"(at most {budget.max_length} tokens), AdamW at {budget.learning_rate:g} (10 % linear warm-up, then "
+        "constant; without it Adam's first step at 5e-5 took the teacher's GSM8K reference CE from 2.2 to 3.3), seeds "
+        f"{list(budget.seeds)}. Evaluation through each model's chat template: the first {budget.gsm8k_problems} "
+        f"GSM8K test problems (greedy) and the first {budget.dolly_prompts} Dolly prompts (sampled, T = 1, seed 10), "
+        f"prompt + response ≤ {budget.eval_max_length} tokens. `short/long half`: the rows whose reference is at most "
+        "/ above the median reference length (words). KL: teacher→student per reference token (ETA-paired across "
+        "tokenizers).", "",
+        "## Predictions (written before the runs)", "",
+        *[f"- **{claim}**: {text}" for claim, text in PREDICTIONS.items()], "",
+    ]
+    for comparison in COMPARISONS:
+        lines += _table(comparison, budget, scores, times)
+    lines += ["## Verdicts", "", *_verdicts(budget, scores), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_over_seeds(scores: dict, name: str, seeds) -> dict | None:
+    runs = [scores[f"{name}-s{seed}"] for seed in seeds if f"{name}-s{seed}" in scores]
+    if not runs:
+        return None
+    merged = {}
+    for data_name, row in runs[0].items():
+        merged[data_name] = {key: statistics.mean(run[data_name][key] for run in runs)
+                             for key, value in row.items() if isinstance(value, float | int)}
+        merged[data_name]["seeds"] = len(runs)
+    return merged
+
+
+def _table(comparison: str, budget: Budget, scores: dict, times: dict) -> list[str]:
+    rows = [("teacher (SFT'd)", scores.get("teacher")), ("untrained student", scores.get(f"{comparison}-untrained"))]
+    rows += [(method, _mean_over_seeds(scores, f"{comparison}-{method}", budget.seeds)) for method in
+             COMPARISONS[comparison]]
+    heading = "| model | " + " | ".join(column[0] for column in COLUMNS) + " | train min |"
+    lines = [f"## `{comparison}`", "", heading, "|---" * (len(COLUMNS) + 2) + "|"]
+    for label, row in rows:
+        if row is None:
+            lines.append(f"| {label} | " + " | ".join("not run" for _ in COLUMNS) + " | |")
+            continue
+        cells = [format(row[data].get(key, float("nan")), spec) if data in row else "—"
+                 for _, data, key, spec in COLUMNS]
+        seconds = [times.get(f"{comparison}-{label}-s{seed}") for seed in budget.seeds]
+        minutes = f"{statistics.mean(s for s in seconds if s) / 60:.0f}" if any(seconds) else ""
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {minutes} |")
+    return lines + [""]
+
+
+def _accuracy_gap(winner: dict, loser: dict, key: str = "exact_match") -> tuple[float, float]:
+    """Difference in GSM8K accuracy (points) and two binomial standard errors of it."""
+    n = winner["gsm8k"].get("problems", 0) or 1
+    a, b = winner["gsm8k"][key] / 100, loser["gsm8k"][key] / 100
+    return 100 * (a - b), 200 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
+
+
+def _verdicts(budget: Budget, scores: dict) -> list[str]:
+    lines = []
+    for claim, spec in CLAIMS.items():
+        pairs = []
+        if spec is None:
+            pairs = [(c, m, "sft") for c in COMPARISONS for m in COMPARISONS[c] if m != "sft"]
+        else:
+            comparison, winner, *losers = spec
+            pairs = [(comparison, winner, loser) for loser in losers]
+        lines.append(f"- **{claim}**:")
+        for comparison, winner, loser in pairs:
+            a = _mean_over_seeds(scores, f"{comparison}-{winner}", budget.seeds)
+            b = _mean_over_seeds(scores, f"{comparison}-{loser}", budget.seeds)
+            if a is None or b is None:
+                lines.append(f"  - {comparison}: {winner} vs {loser}: not run yet.")
+                continue
+            a["gsm8k"]["problems"] = b["gsm8k"]["problems"] = budget.gsm8k_problems
+            gap, noise = _accuracy_gap(a, b)
+            accuracy = "held" if gap > noise else "did not hold" if gap < -noise else "within noise"
+            ce = b["gsm8k"]["reference_ce"] - a["gsm8k"]["reference_ce"]
+            kl = b["gsm8k"]["teacher_student_kl"] - a["gsm8k"]["teacher_student_kl"]
+            rouge = a["dolly"]["rouge_l"] - b["dolly"]["rouge_l"]
+            long_gap, long_noise = _accuracy_gap(a, b, "long_half")
+            lines.append(
+                f"  - {comparison}: {winner} vs {loser}: GSM8K accuracy {accuracy} ({gap:+.1f} points, 2 SE "
+                f"{noise:.1f}; long half {long_gap:+.1f}, 2 SE {2 ** 0.5 * long_noise:.1f}); reference CE "
+                f"{'lower' if ce > 0 else 'higher'} by {abs(ce):.3f}; KL {'lower' if kl > 0 else 'higher'} by "
+                f"{abs(kl):.3f}; Dolly ROUGE-L {rouge:+.2f}."
+            )
+    return lines
+
+
+if __name__ == "__main__":
+    main()
