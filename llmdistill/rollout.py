@@ -3,8 +3,8 @@
 
 Rules: `student` (plain on-policy), `teacher` (SeqKD), `switch` (SWITCH, §4.1: the teacher writes token t when
 JSD(p_t, q_t) exceeds a threshold that falls with t), `skd` (a student token outside the teacher's top-K is replaced by
-a teacher sample) and `mixture` (every token from (1 − α)·q + α·p). Each step draws one student and one teacher sample
-from the same generator whatever the rule, so rules that agree on who writes give the same tokens for the same seed.
+a teacher sample) and `mixture` (every token from (1 − α)·q + α·p). Each step draws the same uniforms from the generator
+whatever the rule, so rules that agree on who writes give the same tokens for the same seed (see `_Noise`).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def rollout(
     students = _Decoder(student, input_ids, attention_mask, sampling.max_new_tokens)
     teachers = _Decoder(teacher, input_ids, attention_mask, sampling.max_new_tokens) if teacher is not None else None
     steps = _Steps(len(input_ids), eos_token_id, pad_token_id, input_ids.device)
-    noise = _Noise(sampling, generator)
+    noise = _Noise(sampling, generator, coupled=intervention.rule != "skd")
     if draft_tokens > 1 and intervention.rule in SPECULATIVE_RULES and not lockstep:
         _decode_speculatively(students, teachers, steps, noise, intervention, sampling, vocab_size, draft_tokens)
     else:
@@ -235,19 +235,23 @@ class _Steps:
 
 class _Noise:
     """The uniforms of each step's two samples (the student's, then the teacher's), drawn from the generator the
-    first time the step is reached, in step order, and kept until the step is final (`release`)."""
+    first time the step is reached, in step order, and kept until the step is final (`release`).
 
-    def __init__(self, sampling: Sampling, generator: torch.Generator | None):
-        self.sampling, self.generator, self.kept = sampling, generator, {}
+    `coupled`: both samples read the first uniforms, so where the two distributions agree the two models draw the
+    same token, and a speculative SWITCH round goes on past a teacher-written token equal to the draft. Each sample
+    keeps its own distribution, and SWITCH decides who writes before it looks at either sample, so the output is
+    still exact. SKD's decision reads the student's sample, so there the teacher's draw takes the second uniforms."""
+
+    def __init__(self, sampling: Sampling, generator: torch.Generator | None, coupled: bool = True):
+        self.sampling, self.generator, self.coupled, self.kept = sampling, generator, coupled, {}
 
     def at(self, step: int, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The step's two uniform tensors, shaped and placed like the `logits` they sample from."""
+        """The step's student and teacher uniform tensors, shaped and placed like the `logits` they sample from."""
         if self.sampling.temperature == 0:
             return None, None
         if step not in self.kept:
-            self.kept[step] = tuple(
-                torch.rand(logits.shape, generator=self.generator, device=logits.device) for _ in range(2)
-            )
+            first, second = (torch.rand(logits.shape, generator=self.generator, device=logits.device) for _ in range(2))
+            self.kept[step] = (first, first if self.coupled else second)
         return self.kept[step]
 
     def release(self, final_steps: int) -> None:

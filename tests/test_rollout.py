@@ -311,3 +311,25 @@ def test_speculative_decoding_with_padded_heads_writes_only_shared_ids(prompts):
         for draft in (0, 4)
     ]
     assert torch.equal(outputs[0].sequences, outputs[1].sequences) and int(outputs[1].sequences.max()) < VOCAB
+
+
+def test_coupled_sampling_lets_speculative_switch_keep_teacher_tokens_that_equal_the_draft(models, prompts):
+    """Student and teacher sample from the same uniforms: a teacher close to the student mostly draws the student's
+    token, so SWITCH with threshold 0 (the teacher writes every token) still ends few speculative rounds; drawn
+    independently, two distributions over 40 tokens would rarely agree and nearly every token would end a round."""
+    student = models[0]
+    teacher = tiny_llama(VOCAB, seed=1).eval()
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(0.005 * torch.randn(parameter.shape, generator=noise))
+    calls = []
+    handle = teacher.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        produced = rollout(student, teacher, *prompts, Intervention("switch", switch_tau0=0.0),
+                           Sampling(max_new_tokens=24), -1, PAD, torch.Generator().manual_seed(2), draft_tokens=8)
+    finally:
+        handle.remove()
+    assert produced.teacher_written.all()  # every token is the teacher's sample ...
+    assert len(calls) - 1 <= 24 / 3  # ... yet the teacher ran at most once per three tokens after its prefill (5;
+    # 24, one pass per token, with independent draws)
