@@ -11,16 +11,14 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .divergences import DIVERGENCE_ALIASES, DIVERGENCES
-from .errors import ConfigError, unknown_choice
-from .objectives import CROSS_TOKENIZER, OBJECTIVES
-from .objectives.opd import ESTIMATORS
+from .config_checks import check_options
+from .divergences import DIVERGENCES
+from .errors import ConfigError
+from .objectives import OBJECTIVES
 from .rollout import SCHEDULES, Intervention, Sampling
-from .sources import LOCK_STEP, RULE, SOURCES
-from .teacher_cache import CACHE_KINDS, TOPK_DIVERGENCES
+from .sources import RULE, SOURCES
 
 CONFIG_FILENAME = "distill_config.yaml"
-MIXTURE_SOURCES = ("gt", "student", "mixed", "adaptive")  # several teachers score responses; none writes
 
 
 @dataclass
@@ -245,44 +243,7 @@ class DistillConfig(TrainingArguments):
         except ValueError as error:  # TrainingArguments' own checks: options the user set
             raise ConfigError(str(error)) from error
         self._check_types()
-        if self.objective != "sft" and self.objective not in OBJECTIVES:
-            raise ConfigError(unknown_choice("objective", self.objective, ("sft", *OBJECTIVES)))
-        if self.divergence not in DIVERGENCES:
-            raise ConfigError(unknown_choice("divergence", self.divergence, DIVERGENCES, DIVERGENCE_ALIASES))
-        self._require("alpha_kd", 0 <= self.alpha_kd <= 1, "must lie in [0, 1] (0 = CE only, 1 = KD only)")
-        self._require("jsd_beta", 0 <= self.jsd_beta <= 1, "must lie in [0, 1] (0 = forward KL, 1 = reverse KL)")
-        self._require("skew_alpha", 0.0 <= self.skew_alpha <= 1.0, "must lie in [0, 1]")
-        self._require("akl_mu", 0.0 < self.akl_mu < 1.0, "must lie in (0, 1)")
-        self._require("temperature", self.temperature > 0, "must be > 0")
-        _require_choice("opd_estimator", self.opd_estimator, ESTIMATORS)
-        _require_choice("dskd_s2t", self.dskd_s2t, ("closed_form", "learned"))
-        _require_choice("dskd_spaces", self.dskd_spaces, ("both", "student", "teacher"))
-        if self.projector_learning_rate is not None:
-            self._require(
-                "projector_learning_rate", self.projector_learning_rate > 0, "must be > 0, or unset to scale it"
-            )
-        if self.loss_chunk_size is not None:
-            self._require("loss_chunk_size", self.loss_chunk_size >= 1, "must be ≥ 1, or unset to choose automatically")
-        if self.use_peft:
-            self._require("lora_r", self.lora_r >= 1, "must be ≥ 1")
-            self._require("lora_alpha", self.lora_alpha > 0, "must be > 0")
-            self._require("lora_dropout", 0 <= self.lora_dropout < 1, "must lie in [0, 1)")
-        _require_choice("model_dtype", self.model_dtype, ("float32", "bfloat16", "float16", "auto"))
-        self._check_training_numbers()
-        self._check_source()
-        self._check_teacher_cache()
-        self._check_several_teachers()
-        self._require("eval_generation_size", self.eval_generation_size >= 0, "must be ≥ 0 (0 = loss only)")
-        self._require("max_prompt_length", self.max_prompt_length >= 1, "must be ≥ 1")
-        self._require(
-            "max_length", self.max_length > self.max_prompt_length,
-            f"must exceed max_prompt_length={self.max_prompt_length} so that every example keeps a response token",
-        )
-
-    def _require(self, field: str, holds: bool, rule: str) -> None:
-        """Raise ConfigError `field=value rule.` unless `holds` (written as a positive check so that NaN fails it)."""
-        if not holds:
-            raise ConfigError(f"{field}={getattr(self, field)!r} {rule}.")
+        check_options(self)
 
     def _check_types(self) -> None:
         """Our fields hold their declared type (a YAML value is not converted unless it is a string)."""
@@ -292,102 +253,10 @@ class DistillConfig(TrainingArguments):
                 continue
             raise ConfigError(f"{name}={value!r} must be {declared.__name__}, not {type(value).__name__}.")
 
-    def _check_training_numbers(self) -> None:
-        """The Trainer's own numbers that it would otherwise accept and fail on mid-run."""
-        self._require("learning_rate", self.learning_rate >= 0, "must be ≥ 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            self._require(name, getattr(self, name) >= 1, "must be ≥ 1")
-        if self.max_steps <= 0:
-            self._require("num_train_epochs", self.num_train_epochs > 0, "must be > 0 when max_steps is unset")
-
-    def _check_source(self) -> None:
-        if self.source not in SOURCES:
-            raise ConfigError(unknown_choice("source", self.source, SOURCES))
-        if self.source != "gt" and not self.uses_teacher:
-            raise ConfigError(
-                f"source={self.source!r} trains KD on generated responses, which needs a teacher: choose an "
-                "objective other than 'sft' and alpha_kd > 0, or source='gt'."
-            )
-        if self.objective == "opd" and self.source in ("gt", "teacher"):
-            raise ConfigError(
-                f"objective='opd' is a policy gradient on the tokens the student sampled, so it needs a source in "
-                f"which the student writes (student, mixed, adaptive, switch, skd, mixture), not source={self.source!r}."
-            )
-        if self.source in LOCK_STEP and self.objective in CROSS_TOKENIZER:
-            raise ConfigError(
-                f"source={self.source!r} lets the teacher write single tokens of the student's response, which needs "
-                f"one vocabulary; cross-tokenizer objective {self.objective!r} works with source gt, teacher, "
-                "student, mixed or adaptive."
-            )
-        self._require("mixed_lambda", 0.0 <= self.mixed_lambda <= 1.0, "must lie in [0, 1]")
-        self._require("replay_buffer_size", self.replay_buffer_size >= 1, "must be ≥ 1")
-        self._require("max_new_tokens", self.max_new_tokens >= 1, "must be ≥ 1")
-        self._require("generation_temperature", self.generation_temperature >= 0, "must be ≥ 0 (0 = greedy)")
-        self._require("generation_top_p", 0 < self.generation_top_p <= 1, "must lie in (0, 1]")
-        self._require("generation_top_k", self.generation_top_k >= 0, "must be ≥ 0 (0 = no top-k filter)")
-        _require_choice("switch_schedule", self.switch_schedule, SCHEDULES)
-        self._require("switch_tau0", self.switch_tau0 >= 0, "must be ≥ 0")
-        self._require("switch_decay", self.switch_decay >= 0, "must be ≥ 0")
-        self._require("skd_top_k", self.skd_top_k >= 1, "must be ≥ 1")
-        self._require("speculative_draft_tokens", self.speculative_draft_tokens >= 0, "must be ≥ 0 (0 = token by token)")
-        self._require("mixture_alpha", 0 <= self.mixture_alpha <= 1, "must lie in [0, 1]")
-
     @property
     def teacher_paths(self) -> list[str]:
         """The teachers named by teacher_model_name_or_path, in order (one, or several separated by commas)."""
         return listed_teachers(self.teacher_model_name_or_path or None)
-
-    def _check_several_teachers(self) -> None:
-        if self.teacher_model_name_or_path:  # else the trainer checks the teachers it is given
-            self.check_teacher_count(len(self.teacher_paths))
-
-    def check_teacher_count(self, count: int) -> None:
-        """What several teachers need: a column to route by or none (the average), objective vanilla, a source in
-        which no teacher writes, no teacher cache."""
-        several = count > 1
-        if self.teacher_routing_column is not None and not several:
-            raise ConfigError(
-                f"teacher_routing_column={self.teacher_routing_column!r} routes rows between several teachers: list "
-                "them in teacher_model_name_or_path (comma-separated), or unset teacher_routing_column."
-            )
-        if not several or not self.uses_teacher:
-            return
-        if count == len(self.teacher_paths) and "" in self.teacher_paths:
-            raise ConfigError(f"teacher_model_name_or_path={self.teacher_model_name_or_path!r} has an empty name.")
-        supported = {"objective": ("vanilla",), "source": ("gt",) if self.teacher_routing_column else MIXTURE_SOURCES}
-        for name, allowed in supported.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"{name}={getattr(self, name)!r} is not supported with several teachers"
-                    f"{' routed by a column' if self.teacher_routing_column else ''}: use {name} "
-                    f"{' or '.join(map(repr, allowed))}, or one teacher."
-                )
-        if self.teacher_cache is not None or self.teacher_tokenizer_name_or_path is not None:
-            field = "teacher_cache" if self.teacher_cache is not None else "teacher_tokenizer_name_or_path"
-            held = "signal" if field == "teacher_cache" else "tokenizer"
-            raise ConfigError(
-                f"{field}={getattr(self, field)!r} holds one teacher's {held}, not several: unset it, or list one "
-                "teacher."
-            )
-
-    def _check_teacher_cache(self) -> None:
-        if self.teacher_cache is None:
-            return
-        _require_choice("teacher_cache_kind", self.teacher_cache_kind, CACHE_KINDS)
-        if not reads_teacher_cache(self.objective, self.source, self.alpha_kd):
-            raise ConfigError(
-                "teacher_cache holds the teacher's signal on the dataset's own responses for one vocabulary: it needs "
-                f"source='gt' (not {self.source!r}), alpha_kd > 0 and a same-vocabulary objective (vanilla, dskd, "
-                f"dskd_v1; not {self.objective!r}). Unset teacher_cache for this run."
-            )
-        if self.teacher_cache_kind == "topk":
-            if self.objective != "vanilla" or self.divergence not in TOPK_DIVERGENCES:
-                raise ConfigError(
-                    "teacher_cache_kind='topk' keeps only the teacher's top-k probabilities (p = 0 elsewhere): it "
-                    f"works with objective 'vanilla' and divergence {', '.join(TOPK_DIVERGENCES)} (got "
-                    f"{self.objective!r}, {self.divergence!r}). Use teacher_cache_kind='hidden' for the others."
-                )
-            self._require("teacher_cache_top_k", self.teacher_cache_top_k >= 1, "must be ≥ 1")
 
     def lora_config(self):
         """peft's LoraConfig for `use_peft`, else None."""
@@ -452,12 +321,6 @@ class DistillConfig(TrainingArguments):
         return config
 
 
-def reads_teacher_cache(objective: str, source: str, alpha_kd: float) -> bool:
-    """Whether a run can read the teacher from a `teacher_cache`: it distils (alpha_kd > 0) on the dataset's own
-    responses (source gt) with a same-vocabulary objective."""
-    return objective != "sft" and alpha_kd > 0 and source == "gt" and objective not in CROSS_TOKENIZER
-
-
 def listed_teachers(teachers) -> list:
     """The teachers given: none, one model or name, a list or tuple of them, or names separated by commas."""
     if teachers is None:
@@ -484,11 +347,6 @@ def _plain_field_types() -> dict[str, type]:
         if len(kinds) == 1 and kinds[0] in (int, float, str, bool):
             plain[name] = kinds[0]
     return plain
-
-
-def _require_choice(field: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ConfigError(unknown_choice(field, value, choices))
 
 
 def _init_field_names() -> set[str]:

@@ -17,6 +17,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import CONFIG_FILENAME, DistillConfig, listed_teachers
+from .config_checks import check_teacher_count
 from .data import (
     CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
 )
@@ -82,7 +83,7 @@ class DistillTrainer(Trainer):
         student = _first_given(student, model, args.student_model_name_or_path, name="student")
         teacher = _first_given(teacher, args.teacher_model_name_or_path, name="teacher") if args.uses_teacher else None
         teachers = listed_teachers(teacher)
-        args.check_teacher_count(len(teachers))
+        check_teacher_count(args, len(teachers))
         _check_model_sources(args, student, teachers)
         tokenizer = processing_class or _load_role_tokenizer(args, student, "student")
         teacher_tokenizer, self.vocab_bridge = None, None

@@ -13,7 +13,8 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..config import DistillConfig, reads_teacher_cache
+from ..config import DistillConfig
+from ..config_checks import reads_teacher_cache
 from ..data import ExampleFormat, prepare_dataset
 from ..evaluation import (
     cross_tokenizer_fidelity,
