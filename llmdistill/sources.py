@@ -1,7 +1,8 @@
 """Where the training sequences come from (METHODS §4): the dataset, or responses generated during training.
 
 `SequenceSource.draw` decides per micro-batch whether KD runs on the gold batch (`"gt"`), on fresh generations
-(`"generate"`) or on earlier generations from the replay buffer (`"replay"`); `SequenceSource.produce` generates.
+(`"generate"`) or on earlier generations from the replay buffer (`"replay"`); `produce` generates, and
+`StepSequences` does both for the micro-batches of each optimizer step in training.
 Generated responses continue the batch's own prompts (the tokens before the first label) and come back as rows in
 the training data's layout (`input_ids`, `labels` on the response, and for cross-tokenizer objectives the teacher's
 tokenisation and the token pairs), so the trainer's collator and objectives take them unchanged.
@@ -18,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import IGNORE_INDEX, PAIR_COLUMNS, ExampleFormat, prepare_dataset
-from .models import head_row_count
+from .models import eval_mode, head_row_count
 from .rollout import Intervention, Rollout, Sampling, rollout, rollout_statistics
 
 SOURCES = ("gt", "teacher", "student", "mixed", "adaptive", "switch", "skd", "mixture")
@@ -269,3 +270,54 @@ def _without_final_eos(row: dict, student_eos: int, teacher_eos: int) -> dict:
             row[key] = [pair for pair in row[key]
                         if pair[0] < len(row["teacher_input_ids"]) and pair[1] < len(row["input_ids"])]
     return row
+
+
+class StepSequences:
+    """A generating source in the training loop: each micro-batch's draw and the rows KD trains on for it.
+
+    The draws of all micro-batches of an optimizer step are made, and their prompts generated for in one rollout, at
+    the step's first micro-batch: after `keep`, and after a resumed run restored the state. Without kept batches
+    (outside the Trainer's loop) each call draws and generates for its own batch alone.
+    """
+
+    def __init__(self, source: SequenceSource, generation: Generation, generator: torch.Generator,
+                 teacher: PreTrainedModel, prepare):
+        self.source, self.generation, self.generator = source, generation, generator
+        self.teacher, self.prepare = teacher, prepare  # prepare: puts a collated batch on the training device
+        self._batches, self._plan = None, []
+
+    def keep(self, batches: list[dict]) -> None:
+        """The micro-batches of the coming optimizer step."""
+        self._batches, self._plan = list(batches), []
+
+    def next(self, student: PreTrainedModel, inputs: dict, step: int, total_steps: int
+             ) -> tuple[str, Produced | None]:
+        """This micro-batch's draw ("gt", "generate" or "replay") and, unless "gt", the rows KD runs on: responses
+        generated to its prompts (kept for replay), or rows replayed from the buffer."""
+        if not self._plan:
+            batches, self._batches = self._batches or [inputs], None
+            draws = [self.source.draw(step, total_steps) for _ in batches]
+            generating = [index for index, draw in enumerate(draws) if draw == "generate"]
+            produced = dict(zip(generating, self.produce(student, [batches[index] for index in generating])))
+            self._plan = [(draw, produced.get(index)) for index, draw in enumerate(draws)]
+        draw, produced = self._plan.pop(0)
+        if draw == "replay":
+            produced = Produced(self.source.replay(len(inputs["input_ids"])), None, {})
+        elif draw == "generate":
+            self.source.remember(produced.rows)
+        return draw, produced
+
+    def produce(self, student: PreTrainedModel, batches: list[dict]) -> list[Produced]:
+        if not batches:
+            return []
+        batches = [self.prepare(batch) for batch in batches]
+        with eval_mode(student) as student:
+            return produce(student, self.teacher, batches, self.generation, self.generator)
+
+    def state_dict(self) -> dict:
+        """The source's state and the rollout's sampling generator: a resumed run draws and samples as before."""
+        return {"source": self.source.state_dict(), "rollout": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state["source"])
+        self.generator.set_state(state["rollout"])

@@ -18,9 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import CONFIG_FILENAME, DistillConfig, listed_teachers
 from .config_checks import check_teacher_count
-from .data import (
-    CACHE_INDEX_COLUMN, IGNORE_INDEX, PAIR_COLUMNS, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format,
-)
+from .data import CACHE_INDEX_COLUMN, IGNORE_INDEX, DistillCollator, load_raw_dataset, prepare_dataset, resolve_format
 from .distributed import (
     average_gradients_over_ranks, gathered_for_reading, keep_whole_under_zero3, shard_keeping_head_whole,
     sum_over_ranks, zero3_teacher_engine,
@@ -28,22 +26,19 @@ from .distributed import (
 from .errors import ConfigError, DataError, ModelError, NonFiniteLossError
 from .losses import distill_loss_from_hidden
 from .models import (
-    LMHead, check_model_source, eval_mode, freeze, head_row_count, last_hidden_states, load_config, load_model,
-    load_tokenizer, same_tokenizer_files, supervised_hidden_states, with_adapter,
+    LMHead, check_model_source, eval_mode, freeze, head_row_count, load_model, load_tokenizer, same_tokenizer_files,
+    supervised_hidden_states, with_adapter,
 )
 from .objectives import CROSS_TOKENIZER, NEEDS_MINED_PAIRS, OBJECTIVES, ObjectiveOutput
-from .objectives.cross_batch import CrossTokenizerBatch, Positions, token_pairs_to_positions
+from .objectives.cross_batch import CrossTokenizerBatch
 from .objectives.dskd import DualSpaceProjectors
 from .evaluation import exact_match, rouge_l
 from .progress import TrainingProgress
 from .projector_rates import projector_param_groups
 from .rollout import Intervention, Sampling, divergence_statistics, rollout
-from .sources import Generation, Produced, SequenceSource, left_padded_prompts, produce
-from .teachers import TEACHER_INDEX_COLUMN, MixtureHead, mixture_signal, route_indices
-from .teacher_cache import (
-    META_FILENAME as CACHE_META_FILENAME, CachedTeacher, TeacherCache, TopKHead, build_teacher_cache, config_fingerprint,
-    data_fingerprint, tokenizer_fingerprint,
-)
+from .sources import Generation, Produced, SequenceSource, StepSequences, left_padded_prompts
+from .teacher_signal import TeacherSignal, load_teacher, open_teacher_cache
+from .teachers import TEACHER_INDEX_COLUMN, route_indices
 from .vocab import VocabBridge, shared_vocab_size
 
 PROJECTORS_FILENAME = "projectors.safetensors"
@@ -145,7 +140,7 @@ class DistillTrainer(Trainer):
         self._head_gradients, self._projector_gradients = None, None
         if self.is_fsdp_enabled:
             self._keep_head_whole_under_fsdp()
-        self.teacher, self.teachers, self.objective, self.teacher_cache = None, [], None, None
+        self.teacher_signal, self.teacher, self.objective = None, None, None
         self._projectors_in_model, self._projector_groups = False, []
         if args.uses_teacher:
             self._set_up_teacher(teachers, tokenizer, teacher_tokenizer)
@@ -155,32 +150,12 @@ class DistillTrainer(Trainer):
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
 
     def _set_up_teacher(self, teachers: list, tokenizer, teacher_tokenizer) -> None:
-        """The frozen teacher (or, with `teacher_cache`, only what the cache cannot replace) and the objective.
-        With several teachers `self.teacher` is the one with the fewest head rows, which bounds what the student
-        may sample."""
+        """The teacher's signal (`self.teacher` is the model it exposes, see `TeacherSignal`) and the objective."""
         args = self.args
-        if args.teacher_cache:
-            self.teacher_cache = self._open_teacher_cache(teachers[0], teacher_tokenizer)
-            self._cached_head = self.teacher_cache.head(args.device)
-            self.teacher = CachedTeacher(self._cached_head) if self.teacher_cache.kind == "hidden" else None
-        elif len(teachers) > 1:
-            if self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
-                raise ConfigError(
-                    "several teachers run whole on each rank: use DDP or ZeRO-2 (accelerate's ddp.yaml or "
-                    "zero2.yaml), not FSDP or ZeRO-3, or one teacher."
-                )
-            self.teachers = [freeze(self._loaded_teacher(teacher)).to(args.device) for teacher in teachers]
-            self.teacher = min(self.teachers, key=head_row_count)
-        else:
-            self.teacher = freeze(self._loaded_teacher(teachers[0])).to(args.device)
-            if self.is_fsdp_enabled:
-                shard_keeping_head_whole(self.teacher)
-            elif self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
-                # kept with the trainer for the teacher's life: its hooks gather the teacher's layers
-                self._teacher_engine = zero3_teacher_engine(self.teacher, self.accelerator.state.deepspeed_plugin)
+        self.teacher_signal = self._load_teacher_signal(teachers, teacher_tokenizer)
+        self.teacher = self.teacher_signal.model
         if args.objective not in CROSS_TOKENIZER:  # raises if unsafe
-            teacher_rows = head_row_count(self.teacher) if self.teacher is not None else self._cached_head.weight.shape[0]
-            shared_vocab_size(tokenizer, teacher_rows, head_row_count(self.model))
+            shared_vocab_size(tokenizer, self.teacher_signal.head_rows, head_row_count(self.model))
         heads = [self.model.get_output_embeddings().weight]
         if self.teacher is not None:
             heads.append(self.teacher.get_output_embeddings().weight)
@@ -200,10 +175,30 @@ class DistillTrainer(Trainer):
             head_trains = LMHead.of(self.model).weight.requires_grad
             self.add_callback(_ProjectorUpkeep(self.projectors, head_trains, self._projectors_in_model))
 
-    def _loaded_teacher(self, teacher: PreTrainedModel | str) -> PreTrainedModel:
-        if not isinstance(teacher, str):
-            return teacher
-        return load_model(teacher, self.args.model_dtype, self.args.trust_remote_code, field="teacher_model_name_or_path")
+    def _load_teacher_signal(self, teachers: list, teacher_tokenizer) -> TeacherSignal:
+        """From the teacher cache, or from the teachers, frozen on this device; one teacher is sharded as the student
+        is under FSDP or ZeRO-3."""
+        args = self.args
+        if args.teacher_cache:
+            splits = {"train": self.train_dataset}
+            if self.eval_dataset is not None:
+                splits["eval"] = self.eval_dataset
+            cache = open_teacher_cache(
+                args, teachers[0], teacher_tokenizer, splits, self.accelerator.main_process_first
+            )
+            return TeacherSignal.from_cache(cache, args.device)
+        zero3 = self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+        if len(teachers) > 1 and (self.is_fsdp_enabled or zero3):
+            raise ConfigError(
+                "several teachers run whole on each rank: use DDP or ZeRO-2 (accelerate's ddp.yaml or "
+                "zero2.yaml), not FSDP or ZeRO-3, or one teacher."
+            )
+        models = [freeze(load_teacher(teacher, args)).to(args.device) for teacher in teachers]
+        if self.is_fsdp_enabled:
+            shard_keeping_head_whole(models[0])
+        elif zero3:  # kept with the trainer for the teacher's life: its hooks gather the teacher's layers
+            self._teacher_engine = zero3_teacher_engine(models[0], self.accelerator.state.deepspeed_plugin)
+        return TeacherSignal(models, args.temperature, cross_tokenizer=args.objective in CROSS_TOKENIZER)
 
     def _keep_head_whole_under_fsdp(self) -> None:
         """The loss reads the student's LM head weight outside the model's forward, where FSDP would hold only a
@@ -218,60 +213,10 @@ class DistillTrainer(Trainer):
         self._head_gradients = _AverageGradients(list(head.parameters()))
         self.add_callback(self._head_gradients)
 
-    def _clip_grad_norm(self, model):
-        if self._head_gradients is not None:
-            self._head_gradients.average()  # every rank must clip by the same norm
-        if self._projector_gradients is not None and not self.is_fsdp_enabled:
-            # One norm over the student and the projectors, as DeepSpeed clips them inside the model; their
-            # gradients are averaged first (once per step) so that every rank clips by the same norm.
-            self._projector_gradients.average()
-            parameters = [*model.parameters(), *self.projectors.parameters()]
-            return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
-        return super()._clip_grad_norm(model)
-
-    def _open_teacher_cache(self, teacher, teacher_tokenizer) -> TeacherCache:
-        """Builds the cache on the first run (the main process first, from the teacher, which is then dropped) and
-        checks that it matches this run's data, teacher tokenizer and config, kind, k and temperature."""
-        args = self.args
-        splits = {"train": self.train_dataset} | ({"eval": self.eval_dataset} if self.eval_dataset is not None else {})
-        topk = args.teacher_cache_kind == "topk"
-        config = teacher.config if not isinstance(teacher, str) else load_config(
-            teacher, args.trust_remote_code, field="teacher_model_name_or_path"
-        )
-        expected = {
-            "kind": args.teacher_cache_kind,
-            "top_k": args.teacher_cache_top_k if topk else None,
-            "temperature": args.temperature if topk else None,
-            "teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer),
-            "teacher_config": config_fingerprint(config),
-            **{f"{split}_data": data_fingerprint(dataset) for split, dataset in splits.items()},
-        }
-        directory = Path(args.teacher_cache)
-        with self.accelerator.main_process_first():
-            if not (directory / CACHE_META_FILENAME).is_file():
-                if isinstance(teacher, str):
-                    teacher = load_model(
-                        teacher, args.model_dtype, args.trust_remote_code, field="teacher_model_name_or_path"
-                    )
-                build_teacher_cache(
-                    directory, freeze(teacher).to(args.device), list(splits.values()), _pad_id(teacher_tokenizer),
-                    args.teacher_cache_kind, args.teacher_cache_top_k, args.temperature,
-                    args.per_device_eval_batch_size, fingerprints=expected,
-                )
-        cache = TeacherCache(directory)
-        cache.check(expected)
-        return cache
-
-    def _teacher_head(self) -> LMHead | TopKHead | MixtureHead:
-        if self.teachers:
-            return MixtureHead([LMHead.of(teacher) for teacher in self.teachers], self.args.temperature)
-        return LMHead.of(self.teacher) if self.teacher_cache is None else self._cached_head
-
     def _set_up_source(self, tokenizer, teacher_tokenizer) -> None:
-        """The source of the KD sequences; on-policy ones get a sampling generator seeded per rank."""
+        """The source of the KD sequences; a generating one samples with a generator seeded per rank."""
         args = self.args
-        self.sequence_source = self.generation = self.rollout_generator = None
-        self._step_batches, self._step_plan = None, []
+        self.sequences = None
         if args.source == "gt":
             return
         if args.source == "adaptive" and (self.eval_dataset is None or args.eval_strategy == "no"):
@@ -279,15 +224,14 @@ class DistillTrainer(Trainer):
                 "source='adaptive' raises its share of student generations when the validation loss rises: give "
                 "evaluation data (eval_dataset / eval_dataset_name_or_path) and set eval_strategy='steps' (eval_steps)."
             )
-        self.sequence_source = SequenceSource(args.source, args.mixed_lambda, args.replay_buffer_size, args.seed)
+        source = SequenceSource(args.source, args.mixed_lambda, args.replay_buffer_size, args.seed)
         cross = self.objective.cross_tokenizer
         pairings = ("mined",) if args.objective in NEEDS_MINED_PAIRS else ()
-        self.generation = Generation(args, tokenizer, teacher_tokenizer, cross_tokenizer=cross, pairings=pairings)
-        self.rollout_generator = torch.Generator(device=args.device).manual_seed(
-            args.seed + self.accelerator.process_index
-        )
+        generation = Generation(args, tokenizer, teacher_tokenizer, cross_tokenizer=cross, pairings=pairings)
+        generator = torch.Generator(device=args.device).manual_seed(args.seed + self.accelerator.process_index)
+        self.sequences = StepSequences(source, generation, generator, self.teacher, self._prepare_inputs)
         if args.source == "adaptive":
-            self.add_callback(_AdaptiveSchedule(self.sequence_source, self.evaluate))
+            self.add_callback(_AdaptiveSchedule(source, self.evaluate))
 
     @staticmethod
     def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str,
@@ -305,20 +249,22 @@ class DistillTrainer(Trainer):
         except DataError as error:
             raise DataError(f"{field}={source!r}: {error}") from error
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The Trainer's micro-batches of one optimizer step; a generating source keeps them, so that the step's
+        first `compute_loss` generates for all of them in one rollout (`StepSequences`)."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sequences is not None:
+            self.sequences.keep(batches)
+        return batches, num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.is_deepspeed_enabled:  # a no-op unless ZeRO-3 has partitioned the student
-            student = self.accelerator.unwrap_model(model)
-            read_outside_forward = [*student.get_output_embeddings().parameters()]
-            if self._projectors_in_model:
-                read_outside_forward += self.projectors.parameters()
-            keep_whole_under_zero3(student, read_outside_forward)
+        """(1 - α)·CE + α·KD on one micro-batch: the source says which sequences KD runs on, the teacher signal
+        gives the teacher's side of them, the objective compares the two, and the terms are recorded for `log`."""
+        if self.is_deepspeed_enabled:
+            self._keep_read_parameters_whole(model)
         gold_tokens = _supervised_count(inputs["labels"])
         denominator = num_items_in_batch if num_items_in_batch is not None else gold_tokens
-        draw, produced = self._next_draw(model, inputs) if model.training else ("gt", None)
-        if self.sequence_source is not None and model.training:
-            self._record_values({"generated_batches_fraction": float(draw != "gt")})
-            if self.sequence_source.name == "adaptive":
-                self._record_values({"student_generation_probability": self.sequence_source.student_probability})
+        draw, produced = self._next_draw(model, inputs)
         alpha = self.args.alpha_kd if self.objective is not None else 0.0  # SFT: CE at full weight
         if draw == "gt":
             output = self._objective_output(model, inputs, (1 - alpha) / denominator, alpha / denominator)
@@ -333,41 +279,36 @@ class DistillTrainer(Trainer):
         self._record(output, ce_tokens, kd_tokens)
         return (loss, None) if return_outputs else loss
 
-    @torch.no_grad()
-    def _raise_non_finite(self, inputs, output: ObjectiveOutput) -> None:
-        """Names the model to fix: a teacher whose outputs (or head, or cached signal) hold NaN/inf, else the
-        student's training, which diverged."""
-        if self.objective is not None and not self._teacher_outputs_finite(inputs):
-            model = self.args.teacher_cache or self.args.teacher_model_name_or_path or "the teacher"
-            raise ModelError(
-                f"the teacher ({model}) produced non-finite values (NaN or inf) on a training batch: check its "
-                "weights, or load it in float32 (model_dtype=float32) if they overflow in half precision."
-            )
-        raise NonFiniteLossError(
-            f"the loss is not finite (ce sum {float(output.ce)}, kd sum {float(output.kd)}) while the teacher's "
-            "outputs are: the student diverged. Lower learning_rate, or load the models in float32 (model_dtype=float32)."
-        )
+    def _keep_read_parameters_whole(self, model) -> None:
+        """The loss reads the student's head (and the projectors in it) outside the forward: a no-op unless ZeRO-3
+        has partitioned the student."""
+        student = self.accelerator.unwrap_model(model)
+        read_outside_forward = [*student.get_output_embeddings().parameters()]
+        if self._projectors_in_model:
+            read_outside_forward += self.projectors.parameters()
+        keep_whole_under_zero3(student, read_outside_forward)
 
-    def _teacher_outputs_finite(self, inputs) -> bool:
-        head = self._teacher_head()
-        heads = head.heads if isinstance(head, MixtureHead) else [head]
-        if not all(
-            torch.isfinite(tensor).all() for head in heads if isinstance(head, LMHead)
-            for tensor in (head.weight, head.bias) if tensor is not None
-        ):
-            return False
-        if self.teacher_cache is not None:
-            return bool(torch.isfinite(self.teacher_cache.signal(inputs[CACHE_INDEX_COLUMN])).all())
-        prefix = "teacher_" if self.objective.cross_tokenizer else ""
-        return all(
-            torch.isfinite(last_hidden_states(teacher, inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"])).all()
-            for teacher in self.teachers or [self.teacher]
+    def _next_draw(self, model, inputs) -> tuple[str, Produced | None]:
+        """The source's draw for this micro-batch and the rows it produced (`StepSequences.next`), recorded for the
+        logs; "gt" for evaluation and for source gt."""
+        if self.sequences is None or not model.training:
+            return "gt", None
+        source = self.sequences.source
+        draw, produced = self.sequences.next(
+            self.accelerator.unwrap_model(model), inputs, self.state.global_step, self.state.max_steps
         )
+        self._record_values({"generated_batches_fraction": float(draw != "gt")})
+        if source.name == "adaptive":
+            self._record_values({"student_generation_probability": source.student_probability})
+        if draw == "generate":
+            self._record_values({**produced.statistics,
+                                 "generated_rows_fraction": len(produced.rows) / len(inputs["input_ids"])})
+        return draw, produced
 
     def _objective_output(self, model, inputs, ce_weight, kd_weight, teacher_hidden=None, on_policy=False
                           ) -> ObjectiveOutput:
         """ce_weight · Σ CE + kd_weight · Σ KD against the teacher over the batch's supervised positions.
-        `teacher_hidden` ([N, D] at those positions, e.g. from the rollout) replaces the teacher pass; `on_policy`:
+        `teacher_hidden` ([N, D] at those positions, e.g. from the rollout) replaces the teacher signal; `on_policy`:
         the batch's responses were generated during training."""
         input_ids, targets = inputs["input_ids"], inputs["labels"][:, 1:]
         supervised = targets != IGNORE_INDEX
@@ -380,64 +321,25 @@ class DistillTrainer(Trainer):
             )
             return ObjectiveOutput(sums.loss, sums.ce, sums.kd, {})
         weights = {"ce_weight": ce_weight, "kd_weight": kd_weight}
-        if self.objective.cross_tokenizer:
-            return self.objective(self._cross_tokenizer_batch(student_hidden, student_head, inputs), **weights)
         if teacher_hidden is None:
-            teacher_hidden = self._teacher_signal(inputs, supervised)
+            teacher_hidden = self.teacher_signal(inputs)
+        teacher_head = self.teacher_signal.head
+        if self.objective.cross_tokenizer:
+            batch = CrossTokenizerBatch.of(inputs, student_hidden, student_head, teacher_hidden, teacher_head)
+            return self.objective(batch, **weights)
         return self.objective(
-            student_hidden, student_head, teacher_hidden, self._teacher_head(), labels, **weights, on_policy=on_policy
+            student_hidden, student_head, teacher_hidden, teacher_head, labels, **weights, on_policy=on_policy
         )
 
-    @torch.no_grad()
-    def _teacher_signal(self, inputs, supervised: torch.Tensor) -> torch.Tensor:
-        """The teacher's hidden states at the supervised positions (or the cache's top-k rows)."""
-        if self.teacher_cache is not None:
-            return self.teacher_cache.signal(inputs[CACHE_INDEX_COLUMN])
-        if self.teachers:
-            return mixture_signal(
-                self.teachers, inputs["input_ids"], inputs["attention_mask"], supervised, inputs.get(TEACHER_INDEX_COLUMN)
-            )
-        return supervised_hidden_states(self.teacher, inputs["input_ids"], inputs["attention_mask"], supervised)
-
-    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
-        """The Trainer's micro-batches of one optimizer step; a generating source keeps them, so that the step's
-        first `compute_loss` generates for all of them in one rollout (`_next_draw`)."""
-        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.sequence_source is not None:
-            self._step_batches, self._step_plan = list(batches), []
-        return batches, num_items_in_batch
-
-    def _next_draw(self, model, inputs) -> tuple[str, Produced | None]:
-        """This micro-batch's draw ("gt", "generate" or "replay") and, for "generate", its generated rows.
-
-        The draws of all micro-batches of a step are made, and their prompts generated for in one rollout, at the
-        step's first micro-batch: after `get_batch_samples`, and after a resumed run restored the source's state.
-        Outside the Trainer's loop (no batches kept) each call draws and generates for `inputs` alone."""
-        if self.sequence_source is None:
-            return "gt", None
-        if not self._step_plan:
-            batches, self._step_batches = self._step_batches or [inputs], None
-            draws = [self.sequence_source.draw(self.state.global_step, self.state.max_steps) for _ in batches]
-            generating = [index for index, draw in enumerate(draws) if draw == "generate"]
-            produced = dict(zip(generating, self._produce(model, [batches[index] for index in generating])))
-            self._step_plan = [(draw, produced.get(index)) for index, draw in enumerate(draws)]
-        return self._step_plan.pop(0)
-
-    def _on_generated(self, model, inputs, produced: Produced | None, gold_tokens: int, gold_denominator
+    def _on_generated(self, model, inputs, produced: Produced, gold_tokens: int, gold_denominator
                       ) -> tuple[ObjectiveOutput, int, int]:
-        """CE on the gold batch, KD on generated responses to its prompts (`produced`) or, with None, on a batch
-        replayed from the buffer (METHODS §4).
+        """CE on the gold batch, KD on the rows the source produced for it: responses generated to its prompts, or
+        a batch replayed from the buffer (METHODS §4).
 
         The generated token count of a whole optimizer step is unknown until every micro-batch has generated, so KD
         is averaged per micro-batch and the micro-batches (and ranks) weigh equally.
         """
-        alpha, source = self.args.alpha_kd, self.sequence_source
-        if produced is None:
-            produced = Produced(source.replay(len(inputs["input_ids"])), None, {})
-        else:
-            source.remember(produced.rows)
-            self._record_values({**produced.statistics,
-                                 "generated_rows_fraction": len(produced.rows) / len(inputs["input_ids"])})
+        alpha = self.args.alpha_kd
         rows, teacher_hidden = produced.rows, produced.teacher_hidden
         if not rows:  # nothing generated can be trained on (e.g. every cross-tokenizer response was empty)
             weights = ((1 - alpha) / gold_denominator, alpha / gold_denominator)
@@ -445,7 +347,7 @@ class DistillTrainer(Trainer):
         generated = self._prepare_inputs(self.data_collator(rows))
         kd_tokens = _supervised_count(generated["labels"])
         if produced.student_hidden is not None:  # the student wrote alone: score its responses in one teacher pass
-            teacher_hidden = self._teacher_signal(generated, generated["labels"][:, 1:] != IGNORE_INDEX)
+            teacher_hidden = self.teacher_signal(generated)
             if self._logs_after_this_step():
                 self._record_divergences(produced.student_hidden, teacher_hidden, generated["labels"])
         micro_batches = self.args.gradient_accumulation_steps * (
@@ -469,34 +371,21 @@ class DistillTrainer(Trainer):
         positions = (supervised.cumsum(1) - 1)[supervised]
         student_head = LMHead.of(self.accelerator.unwrap_model(self.model))
         self._record_values(divergence_statistics(
-            student_hidden.to(teacher_hidden.dtype), student_head, teacher_hidden, self._teacher_head(), positions,
+            student_hidden.to(teacher_hidden.dtype), student_head, teacher_hidden, self.teacher_signal.head, positions,
         ))
 
-    def _produce(self, model, batches: list[dict]) -> list[Produced]:
-        if not batches:
-            return []
-        batches = [self._prepare_inputs(batch) for batch in batches]
-        with eval_mode(self.accelerator.unwrap_model(model)) as student:
-            return produce(student, self.teacher, batches, self.generation, self.rollout_generator)
-
-    def _cross_tokenizer_batch(self, student_hidden, student_head, inputs) -> CrossTokenizerBatch:
-        """Both models' supervised positions (the teacher reads its own tokenisation) and the pairs between them."""
-        teacher_labels = inputs["teacher_labels"]
-        with torch.no_grad():
-            teacher_hidden = supervised_hidden_states(
-                self.teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"],
-                teacher_labels[:, 1:] != IGNORE_INDEX,
+    def _raise_non_finite(self, inputs, output: ObjectiveOutput) -> None:
+        """Names the model to fix: a teacher whose outputs (or head, or cached signal) hold NaN/inf, else the
+        student's training, which diverged."""
+        if self.teacher_signal is not None and not self.teacher_signal.finite(inputs):
+            model = self.args.teacher_cache or self.args.teacher_model_name_or_path or "the teacher"
+            raise ModelError(
+                f"the teacher ({model}) produced non-finite values (NaN or inf) on a training batch: check its "
+                "weights, or load it in float32 (model_dtype=float32) if they overflow in half precision."
             )
-        pairs = {
-            key: token_pairs_to_positions(inputs[key], teacher_labels, inputs["labels"])
-            for key in PAIR_COLUMNS
-            if key in inputs
-        }
-        return CrossTokenizerBatch(
-            Positions.gather(student_hidden, student_head, inputs["input_ids"], inputs["labels"]),
-            Positions.gather(teacher_hidden, LMHead.of(self.teacher), inputs["teacher_input_ids"], teacher_labels),
-            pairs["aligned_pairs"],
-            pairs.get("mined_pairs"),
+        raise NonFiniteLossError(
+            f"the loss is not finite (ce sum {float(output.ce)}, kd sum {float(output.kd)}) while the teacher's "
+            "outputs are: the student diverged. Lower learning_rate, or load the models in float32 (model_dtype=float32)."
         )
 
     def _record(self, output: ObjectiveOutput, ce_tokens: int, kd_tokens: int) -> None:
@@ -593,6 +482,17 @@ class DistillTrainer(Trainer):
                 optimizer.add_param_group(group)
         return optimizer
 
+    def _clip_grad_norm(self, model):
+        if self._head_gradients is not None:
+            self._head_gradients.average()  # every rank must clip by the same norm
+        if self._projector_gradients is not None and not self.is_fsdp_enabled:
+            # One norm over the student and the projectors, as DeepSpeed clips them inside the model; their
+            # gradients are averaged first (once per step) so that every rank clips by the same norm.
+            self._projector_gradients.average()
+            parameters = [*model.parameters(), *self.projectors.parameters()]
+            return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """A plain HF folder (weights, config, tokenizer), the resolved `distill_config.yaml` and, for DSKD,
         `projectors.safetensors` beside it."""
@@ -622,13 +522,13 @@ class DistillTrainer(Trainer):
         """Besides the Trainer's RNG states: this rank's sequence source (draws, replay buffer, p_SGO) and the
         rollout's sampling generator."""
         super()._save_rng_state(output_dir)
-        if self.sequence_source is not None:
-            state = {"source": self.sequence_source.state_dict(), "rollout": self.rollout_generator.get_state()}
-            torch.save(state, Path(output_dir) / SOURCE_STATE_FILENAME.format(rank=self.args.process_index))
+        if self.sequences is not None:
+            path = Path(output_dir) / SOURCE_STATE_FILENAME.format(rank=self.args.process_index)
+            torch.save(self.sequences.state_dict(), path)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
-        if checkpoint is None or self.sequence_source is None:
+        if checkpoint is None or self.sequences is None:
             return
         path = Path(checkpoint) / SOURCE_STATE_FILENAME.format(rank=self.args.process_index)
         if not path.is_file():
@@ -637,9 +537,7 @@ class DistillTrainer(Trainer):
                 f"source={self.args.source!r} on this many processes, so its draws, replay buffer and sampling state "
                 "cannot be restored. Resume on as many processes as wrote it, or start a new output_dir."
             )
-        state = torch.load(path, weights_only=True)
-        self.sequence_source.load_state_dict(state["source"])
-        self.rollout_generator.set_state(state["rollout"])
+        self.sequences.load_state_dict(torch.load(path, weights_only=True))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`; a checkpoint to resume from must exist and come from a run of this configuration."""

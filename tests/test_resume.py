@@ -40,7 +40,7 @@ def _trainer(output_dir, model_dirs, tokenizer, examples, **overrides) -> Distil
     evaluation = rows.select(range(8)) if config.source == "adaptive" else None
     trainer = DistillTrainer(args=config, train_dataset=rows, eval_dataset=evaluation, processing_class=tokenizer)
     if config.source == "adaptive":  # p_SGO starts at 0 and six steps may never raise it: generate and replay now
-        trainer.sequence_source.student_probability = 0.5
+        trainer.sequences.source.student_probability = 0.5
     return trainer
 
 

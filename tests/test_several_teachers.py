@@ -130,16 +130,18 @@ def test_rows_routed_by_a_column_are_taught_by_their_teacher(tmp_path, tokenizer
                        teacher_routing_column="expert")
     batch = _batch(trainer)
     assert batch["teacher_index"].tolist() == [1, 0, 1, 1, 0, 0]
-    expected = _reference_loss(trainer.model, trainer.teachers, batch, F.one_hot(batch["teacher_index"], 2).float())
+    routed = F.one_hot(batch["teacher_index"], 2).float()
+    expected = _reference_loss(trainer.model, trainer.teacher_signal.teachers, batch, routed)
     torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_without_a_routing_column_the_target_is_the_teachers_average(tmp_path, tokenizer, examples, teacher_dirs):
     trainer = _trainer(tmp_path, tokenizer, examples, teacher_dirs)
     batch = _batch(trainer)
-    expected = _reference_loss(trainer.model, trainer.teachers, batch, torch.full((6, 2), 0.5))
+    teachers = trainer.teacher_signal.teachers
+    expected = _reference_loss(trainer.model, teachers, batch, torch.full((6, 2), 0.5))
     torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
-    assert trainer.teacher is trainer.teachers[0], "the teacher with the fewest head rows bounds what is sampled"
+    assert trainer.teacher is teachers[0], "the teacher with the fewest head rows bounds what is sampled"
 
 
 def test_several_teachers_train_end_to_end_from_the_command_line(tmp_path, examples, teacher_dirs, model_dirs, capsys):

@@ -88,7 +88,7 @@ def test_adaptive_reference_is_the_students_ce_only_validation_loss_measured_bef
     before_training = trainer.state.log_history[0]
     assert before_training["step"] == 0 and before_training["eval_ce"] == pytest.approx(total.item() / tokens, rel=1e-5)
     assert before_training["eval_loss"] != pytest.approx(before_training["eval_ce"], rel=1e-3)
-    assert trainer.sequence_source.reference_loss == before_training["eval_ce"]
+    assert trainer.sequences.source.reference_loss == before_training["eval_ce"]
 
 
 def test_left_padded_prompts_are_the_tokens_before_the_first_label():
@@ -168,7 +168,7 @@ def test_training_loss_on_generated_sequences_equals_the_full_logit_reference(
 def test_a_replayed_batch_trains_on_the_buffers_rows_with_a_fresh_teacher_pass(tmp_path, tokenizer, examples):
     trainer = make_trainer(tmp_path, tokenizer, examples, source="adaptive", replay_buffer_size=4,
                            eval_examples=examples[:4], eval_strategy="steps", eval_steps=1)
-    source = trainer.sequence_source
+    source = trainer.sequences.source
     rows = [{"input_ids": row["input_ids"][:-1] + [7, 8, 9],
              "labels": [IGNORE_INDEX] * (len(row["input_ids"]) - 1) + [7, 8, 9]}
             for row in (trainer.train_dataset[i] for i in range(4))]
@@ -201,10 +201,10 @@ def test_one_rollout_generates_for_every_micro_batch_of_a_step(tmp_path, tokeniz
     micro-batch's prompts), and each micro-batch trains on its own prompts' responses."""
     trainer = make_trainer(tmp_path, tokenizer, examples, source="student", max_new_tokens=6, max_steps=2,
                            gradient_accumulation_steps=2, learning_rate=1e-3)
-    rollouts, original = [], trainer._produce
+    rollouts, original = [], trainer.sequences.produce
 
-    def produce(model, batches):
-        produced = original(model, batches)
+    def produce(student, batches):
+        produced = original(student, batches)
         rollouts.append([(len(batch["input_ids"]), len(rows.rows)) for batch, rows in zip(batches, produced)])
         for batch, rows in zip(batches, produced):  # every row continues its own micro-batch's prompt
             for gold, row in zip(batch["input_ids"].tolist(), rows.rows):
@@ -212,7 +212,7 @@ def test_one_rollout_generates_for_every_micro_batch_of_a_step(tmp_path, tokeniz
                 assert gold[:start] == row["input_ids"][:start]
         return produced
 
-    trainer._produce = produce
+    trainer.sequences.produce = produce
     trainer.train()
     size = trainer.args.per_device_train_batch_size
     assert rollouts == [[(size, size), (size, size)]] * 2

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..data import IGNORE_INDEX
+from ..data import IGNORE_INDEX, PAIR_COLUMNS
 from ..models import LMHead
 
 
@@ -41,6 +41,24 @@ class CrossTokenizerBatch(NamedTuple):
     teacher: Positions
     aligned: torch.Tensor  # [K, 2] (teacher, student) flat positions that predict the same bytes after the same text
     mined: torch.Tensor | None = None  # [K', 2] MinED's 1-to-1 warping pairs, when the objective asked for them
+
+    @classmethod
+    def of(cls, inputs: dict, student_hidden: torch.Tensor, student_head: LMHead, teacher_hidden: torch.Tensor,
+           teacher_head: LMHead) -> CrossTokenizerBatch:
+        """A collated batch's supervised positions on both sides (each model's hidden states already gathered
+        there, the teacher's on its own tokenisation) and the token pairs between them as flat positions."""
+        teacher_labels = inputs["teacher_labels"]
+        pairs = {
+            key: token_pairs_to_positions(inputs[key], teacher_labels, inputs["labels"])
+            for key in PAIR_COLUMNS
+            if key in inputs
+        }
+        return cls(
+            Positions.gather(student_hidden, student_head, inputs["input_ids"], inputs["labels"]),
+            Positions.gather(teacher_hidden, teacher_head, inputs["teacher_input_ids"], teacher_labels),
+            pairs["aligned_pairs"],
+            pairs.get("mined_pairs"),
+        )
 
     @property
     def aligned_fraction(self) -> torch.Tensor:
