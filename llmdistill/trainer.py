@@ -80,48 +80,14 @@ class DistillTrainer(Trainer):
         teachers = listed_teachers(teacher)
         check_teacher_count(args, len(teachers))
         _check_model_sources(args, student, teachers)
-        tokenizer = processing_class or _load_role_tokenizer(args, student, "student")
-        teacher_tokenizer, self.vocab_bridge = None, None
-        if args.uses_teacher:
-            teacher_tokenizer = teacher_processing_class or _teacher_tokenizer(
-                args, teachers[0], student, tokenizer if processing_class is None else None
-            )
-            self.vocab_bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
-            if args.objective not in CROSS_TOKENIZER:
-                _check_same_tokens(args.objective, self.vocab_bridge, teacher_tokenizer, tokenizer)
-            for other in teachers[1:]:  # several teachers: each reads the student's vocabulary
-                other_tokenizer = teacher_processing_class or _load_role_tokenizer(args, other, "teacher")
-                _check_same_tokens(args.objective, VocabBridge.between(other_tokenizer, tokenizer), other_tokenizer,
-                                   tokenizer)
-        teacher_view = teacher_tokenizer if args.objective in CROSS_TOKENIZER and args.uses_teacher else None
-        routes = _teacher_names(teachers) if args.teacher_routing_column and args.uses_teacher else None
-        train_dataset = self._tokenised(
-            train_dataset, args.dataset_name_or_path, args.dataset_train_split, args, tokenizer, "train", teacher_view,
-            routes,
+        tokenizer, teacher_tokenizer, self.vocab_bridge = _tokenizers(
+            args, student, teachers, processing_class, teacher_processing_class
         )
-        if eval_dataset is not None or args.eval_dataset_name_or_path or args.dataset_eval_split:
-            eval_dataset = self._tokenised(
-                eval_dataset,
-                args.eval_dataset_name_or_path or args.dataset_name_or_path,
-                "train" if args.eval_dataset_name_or_path else args.dataset_eval_split,
-                args,
-                tokenizer,
-                "eval",
-                teacher_view,
-                routes,
-            )
-
-        if args.teacher_cache and args.uses_teacher:
-            train_dataset = _with_cache_index(train_dataset, 0)
-            eval_dataset = _with_cache_index(eval_dataset, len(train_dataset))
-        if isinstance(student, str):
-            student = load_model(student, args.model_dtype, args.trust_remote_code, field="student_model_name_or_path")
-        peft_config = peft_config or args.lora_config()
-        if peft_config is not None:
-            set_seed(args.seed)  # the adapters' initialisation
-            student = with_adapter(student, peft_config)
+        train_dataset, eval_dataset = _datasets(
+            args, train_dataset, eval_dataset, tokenizer, teacher_tokenizer, teachers
+        )
         super().__init__(
-            model=student,
+            model=_student_model(student, args, peft_config),
             args=args,
             data_collator=data_collator
             or DistillCollator(tokenizer.pad_token_id, teacher_pad_token_id=_pad_id(teacher_tokenizer)),
@@ -148,6 +114,19 @@ class DistillTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluation_ce = self._no_evaluation_ce()
         self._tokens_since_log, self._last_log_time = 0, time.perf_counter()
+
+    def _keep_head_whole_under_fsdp(self) -> None:
+        """The loss reads the student's LM head weight outside the model's forward, where FSDP would hold only a
+        shard of it: leave the head out of the shards and average its gradient over the ranks ourselves."""
+        if not self.accelerator.is_fsdp2:
+            raise ConfigError(
+                "DistillTrainer supports FSDP version 2 (torch fully_shard): set fsdp_version: 2 in the accelerate "
+                "config (see configs/accelerate/fsdp2.yaml)."
+            )
+        head = self.model.get_output_embeddings()
+        self.accelerator.state.fsdp_plugin.ignored_modules = [head]
+        self._head_gradients = _AverageGradients(list(head.parameters()))
+        self.add_callback(self._head_gradients)
 
     def _set_up_teacher(self, teachers: list, tokenizer, teacher_tokenizer) -> None:
         """The teacher's signal (`self.teacher` is the model it exposes, see `TeacherSignal`) and the objective."""
@@ -200,19 +179,6 @@ class DistillTrainer(Trainer):
             self._teacher_engine = zero3_teacher_engine(models[0], self.accelerator.state.deepspeed_plugin)
         return TeacherSignal(models, args.temperature, cross_tokenizer=args.objective in CROSS_TOKENIZER)
 
-    def _keep_head_whole_under_fsdp(self) -> None:
-        """The loss reads the student's LM head weight outside the model's forward, where FSDP would hold only a
-        shard of it: leave the head out of the shards and average its gradient over the ranks ourselves."""
-        if not self.accelerator.is_fsdp2:
-            raise ConfigError(
-                "DistillTrainer supports FSDP version 2 (torch fully_shard): set fsdp_version: 2 in the accelerate "
-                "config (see configs/accelerate/fsdp2.yaml)."
-            )
-        head = self.model.get_output_embeddings()
-        self.accelerator.state.fsdp_plugin.ignored_modules = [head]
-        self._head_gradients = _AverageGradients(list(head.parameters()))
-        self.add_callback(self._head_gradients)
-
     def _set_up_source(self, tokenizer, teacher_tokenizer) -> None:
         """The source of the KD sequences; a generating one samples with a generator seeded per rank."""
         args = self.args
@@ -232,22 +198,6 @@ class DistillTrainer(Trainer):
         self.sequences = StepSequences(source, generation, generator, self.teacher, self._prepare_inputs)
         if args.source == "adaptive":
             self.add_callback(_AdaptiveSchedule(source, self.evaluate))
-
-    @staticmethod
-    def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str,
-                   teacher_tokenizer=None, teacher_names: list[str] | None = None):
-        """`dataset`, or the one `source` names, tokenised (`_tokenise`); errors in a named file name its option.
-        With `teacher_names` each row carries its teacher's index, read from args.teacher_routing_column."""
-        if dataset is not None:
-            return _tokenise(_routed(dataset, args, teacher_names), args, tokenizer, name, teacher_tokenizer)
-        if not source:
-            raise ConfigError(f"no {name} data: pass {name}_dataset= or set dataset_name_or_path.")
-        field = "eval_dataset_name_or_path" if source == args.eval_dataset_name_or_path else "dataset_name_or_path"
-        dataset = load_raw_dataset(source, split, args.dataset_config_name, field=field)
-        try:
-            return _tokenise(_routed(dataset, args, teacher_names), args, tokenizer, name, teacher_tokenizer)
-        except DataError as error:
-            raise DataError(f"{field}={source!r}: {error}") from error
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The Trainer's micro-batches of one optimizer step; a generating source keeps them, so that the step's
@@ -635,52 +585,11 @@ class _ProjectorUpkeep(TrainerCallback):
             self.projectors.zero_grad(set_to_none=True)
 
 
-def _with_cache_index(dataset, first: int):
-    """The rows numbered in order from `first`: their places in the teacher cache."""
-    if dataset is None or CACHE_INDEX_COLUMN in dataset.column_names:
-        return dataset
-    return dataset.add_column(CACHE_INDEX_COLUMN, list(range(first, first + len(dataset))))
-
-
-def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
-
-
-def _supervised_count(labels: torch.Tensor) -> int:
-    """Supervised (response) tokens of a batch; a batch without any is an error, never a silent zero loss."""
-    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    if count == 0:
-        raise DataError(
-            "a batch has no supervised (response) token: every label is -100. Each example needs at least one "
-            "response token; check the labels of pre-tokenised data."
-        )
-    return count
-
-
 def _first_given(*candidates, name: str):
     for candidate in candidates:
         if candidate is not None:
             return candidate
     raise ConfigError(f"no {name} model: pass {name}= or set {name}_model_name_or_path.")
-
-
-def _tokenise(dataset, args: DistillConfig, tokenizer, name: str, teacher_tokenizer=None):
-    """Raw rows tokenised for the student (and, for cross-tokenizer objectives, for the teacher, with the token
-    pairs the objective compares); already tokenised rows are checked for the columns the objective needs."""
-    needed = {"input_ids", "labels"} | (set(_cross_columns(args.objective)) if teacher_tokenizer else set())
-    if {"input_ids", "labels"} <= set(dataset.column_names):
-        missing = needed - set(dataset.column_names)
-        if missing:
-            raise DataError(
-                f"the pre-tokenised {name} data lacks {sorted(missing)}, which objective {args.objective!r} needs: "
-                "pass the raw rows (prompt/response or messages) and let the trainer tokenise them for both models."
-            )
-        return dataset
-    fmt = resolve_format(dataset.column_names, args.prompt_column, args.response_column, args.messages_column)
-    return prepare_dataset(
-        dataset, tokenizer, fmt, args.max_prompt_length, args.max_length, args.drop_overlong_prompts, name,
-        teacher_tokenizer, pairings=("mined",) if args.objective in NEEDS_MINED_PAIRS else (),
-    )
 
 
 def _check_model_sources(args: DistillConfig, student, teachers: list) -> None:
@@ -696,21 +605,22 @@ def _check_model_sources(args: DistillConfig, student, teachers: list) -> None:
             check_model_source(source, field, args.trust_remote_code, tokenizer_only="tokenizer" in field)
 
 
-def _teacher_names(teachers: list) -> list[str]:
-    return [teacher if isinstance(teacher, str) else teacher.name_or_path for teacher in teachers]
-
-
-def _routed(dataset, args: DistillConfig, teacher_names: list[str] | None):
-    """`dataset` with each row's teacher index (TEACHER_INDEX_COLUMN) read from args.teacher_routing_column."""
-    if teacher_names is None or dataset is None or TEACHER_INDEX_COLUMN in dataset.column_names:
-        return dataset
-    column = args.teacher_routing_column
-    if column not in dataset.column_names:
-        raise DataError(
-            f"teacher_routing_column={column!r} is not a column of the data (it has {dataset.column_names}): name "
-            "the column that says which teacher each row goes to."
-        )
-    return dataset.add_column(TEACHER_INDEX_COLUMN, route_indices(dataset[column], teacher_names, column))
+def _tokenizers(args: DistillConfig, student, teachers: list, processing_class, teacher_processing_class):
+    """(student tokenizer, teacher tokenizer, VocabBridge between them); the teacher's two are None without a
+    teacher. A same-vocabulary objective refuses teachers whose tokens differ from the student's."""
+    tokenizer = processing_class or _load_role_tokenizer(args, student, "student")
+    if not args.uses_teacher:
+        return tokenizer, None, None
+    teacher_tokenizer = teacher_processing_class or _teacher_tokenizer(
+        args, teachers[0], student, tokenizer if processing_class is None else None
+    )
+    bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
+    if args.objective not in CROSS_TOKENIZER:
+        _check_same_tokens(args.objective, bridge, teacher_tokenizer, tokenizer)
+    for other in teachers[1:]:  # several teachers: each reads the student's vocabulary
+        other_tokenizer = teacher_processing_class or _load_role_tokenizer(args, other, "teacher")
+        _check_same_tokens(args.objective, VocabBridge.between(other_tokenizer, tokenizer), other_tokenizer, tokenizer)
+    return tokenizer, teacher_tokenizer, bridge
 
 
 def _load_role_tokenizer(args: DistillConfig, model, role: str) -> PreTrainedTokenizerBase:
@@ -741,15 +651,6 @@ def _tokenizer_source(args: DistillConfig, model, role: str) -> tuple[str, str]:
     return source, f"{role}_tokenizer_name_or_path" if explicit else f"{role}_model_name_or_path"
 
 
-def _cross_columns(objective: str) -> tuple[str, ...]:
-    pairs = ("aligned_pairs", "mined_pairs") if objective in NEEDS_MINED_PAIRS else ("aligned_pairs",)
-    return ("teacher_input_ids", "teacher_labels", *pairs)
-
-
-def _pad_id(tokenizer) -> int | None:
-    return None if tokenizer is None else tokenizer.pad_token_id
-
-
 def _check_same_tokens(objective: str, bridge: VocabBridge, teacher_tokenizer, student_tokenizer) -> None:
     if not bridge.same_vocabulary:
         raise ConfigError(
@@ -758,6 +659,127 @@ def _check_same_tokens(objective: str, bridge: VocabBridge, teacher_tokenizer, s
             "different ids). Use a cross-tokenizer objective (dskd_eta, uld, mined, cma, simple_ctkd; see the "
             "README's method table) or give both models the same tokenizer."
         )
+
+
+def _datasets(args: DistillConfig, train_dataset, eval_dataset, tokenizer, teacher_tokenizer, teachers: list):
+    """The training and (if any) evaluation data, tokenised (`_tokenised`): for the teacher too under a
+    cross-tokenizer objective, each row with its teacher under teacher_routing_column, numbered into the teacher
+    cache under teacher_cache."""
+    teacher_view = teacher_tokenizer if args.objective in CROSS_TOKENIZER else None
+    routes = _teacher_names(teachers) if args.teacher_routing_column and args.uses_teacher else None
+    train_dataset = _tokenised(
+        train_dataset, args.dataset_name_or_path, args.dataset_train_split, args, tokenizer, "train", teacher_view,
+        routes,
+    )
+    if eval_dataset is not None or args.eval_dataset_name_or_path or args.dataset_eval_split:
+        eval_dataset = _tokenised(
+            eval_dataset,
+            args.eval_dataset_name_or_path or args.dataset_name_or_path,
+            "train" if args.eval_dataset_name_or_path else args.dataset_eval_split,
+            args,
+            tokenizer,
+            "eval",
+            teacher_view,
+            routes,
+        )
+    if args.teacher_cache and args.uses_teacher:
+        train_dataset = _with_cache_index(train_dataset, 0)
+        eval_dataset = _with_cache_index(eval_dataset, len(train_dataset))
+    return train_dataset, eval_dataset
+
+
+def _tokenised(dataset, source: str | None, split: str, args: DistillConfig, tokenizer, name: str,
+               teacher_tokenizer=None, teacher_names: list[str] | None = None):
+    """`dataset`, or the one `source` names, tokenised (`_tokenise`); errors in a named file name its option.
+    With `teacher_names` each row carries its teacher's index, read from args.teacher_routing_column."""
+    if dataset is not None:
+        return _tokenise(_routed(dataset, args, teacher_names), args, tokenizer, name, teacher_tokenizer)
+    if not source:
+        raise ConfigError(f"no {name} data: pass {name}_dataset= or set dataset_name_or_path.")
+    field = "eval_dataset_name_or_path" if source == args.eval_dataset_name_or_path else "dataset_name_or_path"
+    dataset = load_raw_dataset(source, split, args.dataset_config_name, field=field)
+    try:
+        return _tokenise(_routed(dataset, args, teacher_names), args, tokenizer, name, teacher_tokenizer)
+    except DataError as error:
+        raise DataError(f"{field}={source!r}: {error}") from error
+
+
+def _tokenise(dataset, args: DistillConfig, tokenizer, name: str, teacher_tokenizer=None):
+    """Raw rows tokenised for the student (and, for cross-tokenizer objectives, for the teacher, with the token
+    pairs the objective compares); already tokenised rows are checked for the columns the objective needs."""
+    needed = {"input_ids", "labels"} | (set(_cross_columns(args.objective)) if teacher_tokenizer else set())
+    if {"input_ids", "labels"} <= set(dataset.column_names):
+        missing = needed - set(dataset.column_names)
+        if missing:
+            raise DataError(
+                f"the pre-tokenised {name} data lacks {sorted(missing)}, which objective {args.objective!r} needs: "
+                "pass the raw rows (prompt/response or messages) and let the trainer tokenise them for both models."
+            )
+        return dataset
+    fmt = resolve_format(dataset.column_names, args.prompt_column, args.response_column, args.messages_column)
+    return prepare_dataset(
+        dataset, tokenizer, fmt, args.max_prompt_length, args.max_length, args.drop_overlong_prompts, name,
+        teacher_tokenizer, pairings=("mined",) if args.objective in NEEDS_MINED_PAIRS else (),
+    )
+
+
+def _cross_columns(objective: str) -> tuple[str, ...]:
+    pairs = ("aligned_pairs", "mined_pairs") if objective in NEEDS_MINED_PAIRS else ("aligned_pairs",)
+    return ("teacher_input_ids", "teacher_labels", *pairs)
+
+
+def _routed(dataset, args: DistillConfig, teacher_names: list[str] | None):
+    """`dataset` with each row's teacher index (TEACHER_INDEX_COLUMN) read from args.teacher_routing_column."""
+    if teacher_names is None or dataset is None or TEACHER_INDEX_COLUMN in dataset.column_names:
+        return dataset
+    column = args.teacher_routing_column
+    if column not in dataset.column_names:
+        raise DataError(
+            f"teacher_routing_column={column!r} is not a column of the data (it has {dataset.column_names}): name "
+            "the column that says which teacher each row goes to."
+        )
+    return dataset.add_column(TEACHER_INDEX_COLUMN, route_indices(dataset[column], teacher_names, column))
+
+
+def _teacher_names(teachers: list) -> list[str]:
+    return [teacher if isinstance(teacher, str) else teacher.name_or_path for teacher in teachers]
+
+
+def _with_cache_index(dataset, first: int):
+    """The rows numbered in order from `first`: their places in the teacher cache."""
+    if dataset is None or CACHE_INDEX_COLUMN in dataset.column_names:
+        return dataset
+    return dataset.add_column(CACHE_INDEX_COLUMN, list(range(first, first + len(dataset))))
+
+
+def _student_model(student, args: DistillConfig, peft_config) -> PreTrainedModel:
+    """The student, loaded if named, with LoRA adapters under `peft_config` or args.use_peft."""
+    if isinstance(student, str):
+        student = load_model(student, args.model_dtype, args.trust_remote_code, field="student_model_name_or_path")
+    peft_config = peft_config or args.lora_config()
+    if peft_config is not None:
+        set_seed(args.seed)  # the adapters' initialisation
+        student = with_adapter(student, peft_config)
+    return student
+
+
+def _pad_id(tokenizer) -> int | None:
+    return None if tokenizer is None else tokenizer.pad_token_id
+
+
+def _supervised_count(labels: torch.Tensor) -> int:
+    """Supervised (response) tokens of a batch; a batch without any is an error, never a silent zero loss."""
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if count == 0:
+        raise DataError(
+            "a batch has no supervised (response) token: every label is -100. Each example needs at least one "
+            "response token; check the labels of pre-tokenised data."
+        )
+    return count
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 
 def peak_memory_mb(device: torch.device | str) -> float:
