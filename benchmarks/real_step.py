@@ -94,7 +94,7 @@ def run_plain(objective: str, args) -> dict:
 
     from llmdistill.data import DistillCollator
     from llmdistill.models import load_tokenizer
-    from llmdistill.trainer import _tokenise
+    from llmdistill.trainer_inputs import tokenise
 
     with tempfile.TemporaryDirectory() as scratch:
         config = config_for(objective, Path(scratch), args)
@@ -108,7 +108,7 @@ def run_plain(objective: str, args) -> dict:
     student_tokenizer = load_tokenizer(config.student_model_name_or_path)
     teacher_tokenizer = load_tokenizer(config.teacher_model_name_or_path)
     cross = objective in ("dskd_eta", "uld", "mined")
-    dataset = _tokenise(rows, config, student_tokenizer, "train", teacher_tokenizer if cross else None)
+    dataset = tokenise(rows, config, student_tokenizer, "train", teacher_tokenizer if cross else None)
     collate = DistillCollator(student_tokenizer.pad_token_id, teacher_pad_token_id=teacher_tokenizer.pad_token_id)
     batches = [collate([dataset[i] for i in range(start, start + 2)]) for start in range(0, len(dataset) - 1, 2)]
     loss_fn, extra = PLAIN_STEPS[objective](teacher, student, student_tokenizer, teacher_tokenizer)
