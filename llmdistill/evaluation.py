@@ -353,7 +353,7 @@ def evaluate_model(
                 for prompt, prediction in zip(prompts, predictions)
             ]
         row = _mean_and_std(per_seed)
-        row |= _reference_scores(model, tokenizer, teacher, teacher_tokenizer, eval_set, protocol)
+        row |= reference_scores(model, tokenizer, teacher, teacher_tokenizer, eval_set, protocol)
         results["datasets"][eval_set.name] = row
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "results.md").write_text(results_markdown(results) + "\n")
@@ -370,7 +370,7 @@ def _mean_and_std(per_seed: list[dict[str, float]]) -> dict[str, float]:
     return row
 
 
-def _reference_scores(model, tokenizer, teacher, teacher_tokenizer, eval_set: EvalSet, protocol: Protocol) -> dict:
+def reference_scores(model, tokenizer, teacher, teacher_tokenizer, eval_set: EvalSet, protocol: Protocol) -> dict:
     """The model's CE on the first references and, with a teacher, teacher→student KL and top-1 agreement there."""
     cross = teacher is not None and not VocabBridge.between(teacher_tokenizer, tokenizer).same_vocabulary
     readers = (tokenizer, teacher_tokenizer) if cross else (tokenizer,)
