@@ -57,7 +57,8 @@ class Budget:
     learning_rate: float
     seeds: tuple[int, ...]
     gsm8k_problems: int
-    dolly_prompts: int
+    dolly_prompts: int  # 0: no Dolly evaluation
+    fidelity_rows: int  # teacher→student KL on the first N references of each set (the teacher's pass costs most)
     bf16: bool
     max_length: int = 256  # training rows: prompt + response tokens
     max_prompt_length: int = 192
@@ -67,15 +68,16 @@ class Budget:
 
 BUDGETS = {
     # 2 CPU cores, fp32: about an hour per comparison at one seed (see the report for the measured times).
-    "cpu": Budget(teacher=QWEN_05, same_student=HALF_DEPTH, teacher_steps=60, steps=30, batch_size=2,
-                  learning_rate=2e-5, seeds=(0,), gsm8k_problems=200, dolly_prompts=50, bf16=False),
+    "cpu": Budget(teacher=QWEN_05, same_student=HALF_DEPTH, teacher_steps=30, steps=30, batch_size=2,
+                  learning_rate=2e-5, seeds=(0,), gsm8k_problems=100, dolly_prompts=0, fidelity_rows=50, bf16=False,
+                  max_new_tokens=128, eval_max_length=320),
     # One GPU, bf16: the issue's 1,000 steps on the papers' pair (Qwen 1.5B teacher, 0.5B student), three seeds.
     "gpu": Budget(teacher=QWEN_15, same_student=QWEN_05, teacher_steps=1000, steps=1000, batch_size=16,
-                  learning_rate=2e-5, seeds=(0, 1, 2), gsm8k_problems=1319, dolly_prompts=500, bf16=True,
+                  learning_rate=2e-5, seeds=(0, 1, 2), gsm8k_problems=1319, dolly_prompts=500, fidelity_rows=500, bf16=True,
                   max_length=512, max_prompt_length=256, eval_max_length=768, max_new_tokens=256),
     # Seconds per stage: every code path once, for checking the script (its scores mean nothing).
     "smoke": Budget(teacher=QWEN_05, same_student=HALF_DEPTH, teacher_steps=1, steps=1, batch_size=1,
-                    learning_rate=2e-5, seeds=(0,), gsm8k_problems=2, dolly_prompts=2, bf16=False,
+                    learning_rate=2e-5, seeds=(0,), gsm8k_problems=2, dolly_prompts=2, fidelity_rows=2, bf16=False,
                     eval_max_length=288, max_new_tokens=8),
 }
 KD = {"objective": "vanilla", "divergence": "fkl", "alpha_kd": 0.5}
@@ -192,20 +194,17 @@ def half_depth_student(work: Work, budget: Budget) -> None:
 
 def evaluate(work: Work, budget: Budget, name: str, model: Path, teacher: Path | None) -> None:
     from llmdistill.evaluation import (
-        Protocol,
-        evaluate_model,
-        final_number,
-        rouge_l_best,
+        Protocol, evaluate_model, final_number, load_eval_set, reference_scores, rouge_l_best,
     )
+    from llmdistill.models import load_model, load_tokenizer
 
     scores = {}
     runs = (("gsm8k", GSM8K_TEST, 0.0, budget.gsm8k_problems), ("dolly", DOLLY, 1.0, budget.dolly_prompts))
-    for data_name, data, temperature, limit in runs:
+    for data_name, data, temperature, limit in [run for run in runs if run[3] > 0]:
         # CPU decoding reads every weight per step whatever the batch: large batches are nearly free
         protocol = Protocol(256, budget.eval_max_length, temperature=temperature, batch_size=64, chat_template=True)
         folder = work.root / "eval" / name / data_name
-        result = evaluate_model(model, [data], folder, teacher, (10,), protocol, limit, progress=False)
-        row = result["datasets"][data_name]
+        row = evaluate_model(model, [data], folder, None, (10,), protocol, limit, progress=False)["datasets"][data_name]
         predictions = [json.loads(line)["prediction"] for line in (folder / "predictions.jsonl").open()]
         references = [json.loads(line) for line, _ in zip(data.open(), range(limit))]
         references = [r["answer"] if "answer" in r else r["output"] for r in references]
@@ -216,6 +215,11 @@ def evaluate(work: Work, budget: Budget, name: str, model: Path, teacher: Path |
             per_row = [rouge_l_best([p], [[r]]) for p, r in zip(predictions, references)]
         row |= _by_length(per_row, references)
         row["mean_response_words"] = statistics.mean(len(p.split()) for p in predictions)
+        if teacher is not None:
+            fidelity = reference_scores(load_model(str(model)), load_tokenizer(str(model)), load_model(str(teacher)),
+                                        load_tokenizer(str(teacher)), load_eval_set(data, budget.fidelity_rows),
+                                        protocol)
+            row |= {"teacher_student_kl": fidelity["teacher_student_kl"], "top1_agreement": fidelity["top1_agreement"]}
         scores[data_name] = row
     path = work.scores(name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +241,7 @@ def _by_length(per_row: list[float], references: list[str]) -> dict[str, float]:
 
 def plan(budget: Budget, work: Work, comparisons: list[str]) -> list[tuple[str, list[str]]]:
     """(stage name, its arguments for --one) in order, each skipped later when its output exists."""
-    stages = [("teacher-sft", ["teacher"]), ("eval:teacher", ["eval", "teacher"])]
+    stages = [("teacher-sft", ["teacher"])]
     for comparison in comparisons:
         if comparison == "same" and budget.same_student == HALF_DEPTH:
             stages.append(("student-half-depth", ["half-depth"]))
@@ -246,6 +250,8 @@ def plan(budget: Budget, work: Work, comparisons: list[str]) -> list[tuple[str, 
             for method in COMPARISONS[comparison]:
                 name = f"{comparison}-{method}-s{seed}"
                 stages += [(name, ["train", comparison, method, str(seed)]), (f"eval:{name}", ["eval", name])]
+        if comparison == comparisons[0]:  # the teacher's own generation costs the most: after the first students
+            stages.append(("eval:teacher", ["eval", "teacher"]))
     return stages
 
 
@@ -317,10 +323,36 @@ def write_report(budget: Budget, budget_name: str, work: Work, results: Path) ->
     scores = {path.stem: json.loads(path.read_text()) for path in sorted((work.root / "scores").glob("*.json"))}
     times_path = work.root / "stage_seconds.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    logs = {path.parent.name: json.loads(path.read_text())["logs"]
+            for path in sorted((work.root / "models").glob("*/training.json"))}
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".json").write_text(json.dumps(
-        {"budget": budget_name, "settings": asdict(budget), "scores": scores, "stage_seconds": times}, indent=1))
-    results.with_suffix(".md").write_text(report(budget, budget_name, scores, times))
+    results.with_suffix(".json").write_text(json.dumps({
+        "budget": budget_name, "settings": asdict(budget), "scores": scores, "stage_seconds": times,
+        "training_logs": logs,
+    }, indent=1))
+    results.with_suffix(".md").write_text(report(budget, budget_name, scores, times) + "\n" + stability(logs))
+
+
+def stability(logs: dict[str, list[dict]]) -> str:
+    """Did every run train stably: each logged loss term at the first step and over the last five, and the largest
+    gradient norm (before clipping)."""
+    lines = ["## Training: loss terms, first step → mean of the last five", "",
+             "| run | loss | ce | kd | other terms | largest grad norm |", "|---|---|---|---|---|---|"]
+    for name, entries in logs.items():
+        entries = [entry for entry in entries if "train_runtime" not in entry]
+        if not entries:
+            continue
+        terms = [key for key in entries[0] if key in ("ce_ts", "kd_ts", "kd_st", "t2s_accuracy", "aligned_fraction")]
+
+        def path(key: str) -> str:
+            if key not in entries[0]:
+                return "—"
+            return f"{entries[0][key]:.3f} → {statistics.mean(e[key] for e in entries[-5:]):.3f}"
+
+        others = "; ".join(f"{key} {path(key)}" for key in terms) or "—"
+        largest = max(entry.get("grad_norm", float("nan")) for entry in entries)
+        lines.append(f"| {name} | {path('loss')} | {path('ce')} | {path('kd')} | {others} | {largest:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 COLUMNS = (  # (heading, data set, score key, format)
@@ -346,10 +378,13 @@ def report(budget: Budget, budget_name: str, scores: dict, times: dict) -> str:
         f"(at most {budget.max_length} tokens), AdamW at {budget.learning_rate:g} (10 % linear warm-up, then "
         "constant; without it Adam's first step at 5e-5 took the teacher's GSM8K reference CE from 2.2 to 3.3), seeds "
         f"{list(budget.seeds)}. Evaluation through each model's chat template: the first {budget.gsm8k_problems} "
-        f"GSM8K test problems (greedy) and the first {budget.dolly_prompts} Dolly prompts (sampled, T = 1, seed 10), "
-        f"prompt + response ≤ {budget.eval_max_length} tokens. `short/long half`: the rows whose reference is at most "
-        "/ above the median reference length (words). KL: teacher→student per reference token (ETA-paired across "
-        "tokenizers).", "",
+        "GSM8K test problems (greedy)"
+        + (f" and the first {budget.dolly_prompts} Dolly prompts (sampled, T = 1, seed 10)" if budget.dolly_prompts
+           else " (no Dolly evaluation at this budget)")
+        + f", prompt + response ≤ {budget.eval_max_length} tokens; reference CE over the same rows. `short/long "
+        "half`: the rows whose reference is at most / above the median reference length (words). KL and top-1 "
+        f"agreement: teacher→student per reference token over the first {budget.fidelity_rows} references "
+        "(ETA-paired across tokenizers).", "",
         "## Predictions (written before the runs)", "",
         *[f"- **{claim}**: {text}" for claim, text in PREDICTIONS.items()], "",
     ]
@@ -417,7 +452,7 @@ def _verdicts(budget: Budget, scores: dict) -> list[str]:
             accuracy = "held" if gap > noise else "did not hold" if gap < -noise else "within noise"
             ce = b["gsm8k"]["reference_ce"] - a["gsm8k"]["reference_ce"]
             kl = b["gsm8k"]["teacher_student_kl"] - a["gsm8k"]["teacher_student_kl"]
-            rouge = a["dolly"]["rouge_l"] - b["dolly"]["rouge_l"]
+            rouge = a["dolly"]["rouge_l"] - b["dolly"]["rouge_l"] if "dolly" in a and "dolly" in b else float("nan")
             long_gap, long_noise = _accuracy_gap(a, b, "long_half")
             lines.append(
                 f"  - {comparison}: {winner} vs {loser}: GSM8K accuracy {accuracy} ({gap:+.1f} points, 2 SE "
