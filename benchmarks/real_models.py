@@ -458,7 +458,7 @@ def _verdicts(budget: Budget, scores: dict) -> list[str]:
                 f"  - {comparison}: {winner} vs {loser}: GSM8K accuracy {accuracy} ({gap:+.1f} points, 2 SE "
                 f"{noise:.1f}; long half {long_gap:+.1f}, 2 SE {2 ** 0.5 * long_noise:.1f}); reference CE "
                 f"{'lower' if ce > 0 else 'higher'} by {abs(ce):.3f}; KL {'lower' if kl > 0 else 'higher'} by "
-                f"{abs(kl):.3f}; Dolly ROUGE-L {rouge:+.2f}."
+                f"{abs(kl):.3f}" + ("" if rouge != rouge else f"; Dolly ROUGE-L {rouge:+.2f}") + "."
             )
     return lines
 
