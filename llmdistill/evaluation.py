@@ -372,7 +372,8 @@ def _mean_and_std(per_seed: list[dict[str, float]]) -> dict[str, float]:
 
 def reference_scores(model, tokenizer, teacher, teacher_tokenizer, eval_set: EvalSet, protocol: Protocol) -> dict:
     """The model's CE on the first references and, with a teacher, teacher→student KL and top-1 agreement there."""
-    cross = teacher is not None and not VocabBridge.between(teacher_tokenizer, tokenizer).same_vocabulary
+    bridge = VocabBridge.between(teacher_tokenizer, tokenizer) if teacher is not None else None
+    cross = bridge is not None and not bridge.same_vocabulary
     readers = (tokenizer, teacher_tokenizer) if cross else (tokenizer,)
     rows, fmt = _reference_rows(eval_set, protocol, readers)
     tokenised = prepare_dataset(rows, tokenizer, fmt, protocol.max_prompt_length, protocol.max_length,
@@ -380,7 +381,6 @@ def reference_scores(model, tokenizer, teacher, teacher_tokenizer, eval_set: Eva
                                 teacher_tokenizer=teacher_tokenizer if cross else None)
     scores = {"reference_ce": gold_cross_entropy(model, tokenised, tokenizer.pad_token_id, protocol.batch_size)}
     if cross:
-        bridge = VocabBridge.between(teacher_tokenizer, tokenizer)
         scores |= cross_tokenizer_fidelity(teacher, model, tokenised, bridge, tokenizer.pad_token_id,
                                            teacher_tokenizer.pad_token_id)
     elif teacher is not None:
