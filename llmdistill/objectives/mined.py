@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..losses import chunk_sum_with_gradients, default_chunk_size
+from ..losses import default_chunk_size
 from ..models import LMHead
 from .cross_batch import CrossTokenizerBatch
-from .cross_common import alignment_metrics, gold_cross_entropy, teacher_to_student_ids
+from .cross_common import alignment_metrics, kd_at_pairs_with_gold_ce, teacher_to_student_ids
 from .output import ObjectiveOutput
 
 
@@ -36,30 +36,24 @@ class MinEditDistanceKD:
         # "Whose tokens map through the vocabulary map": the paired teacher token has the student token's text.
         maps = self.teacher_to_student[teacher.targets[teacher_index]] == student.targets[student_index]
         teacher_index, student_index = teacher_index[maps], student_index[maps]
-        unpaired = torch.ones_like(student.targets, dtype=torch.bool).index_fill_(0, student_index, False)
         chunk = self.chunk_size or default_chunk_size(max(self.student_rows, len(self.teacher_to_student)), student.hidden.device)
 
-        def reindexed_kl(student_hidden, teacher_hidden):
+        def reindexed_kl(student_logits, teacher_hidden):
             teacher_probs = torch.softmax(teacher.head.logits(teacher_hidden).float() / self.temperature, -1)
             target = teacher_probs.new_zeros(len(teacher_probs), self.student_rows).index_add_(
                 1, self.teacher_to_student[self.mapped_teacher_ids], teacher_probs[:, self.mapped_teacher_ids]
             )
             target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
-            log_q = torch.log_softmax(student.head.logits(student_hidden).float() / self.temperature, -1)
+            log_q = torch.log_softmax(student_logits.float() / self.temperature, -1)
             return (torch.xlogy(target, target) - target * log_q).sum()
 
-        def one_hot_kl(student_hidden, gold):
-            logits = student.head.logits(student_hidden).float() / self.temperature
-            return F.cross_entropy(logits, gold, reduction="sum")
+        def one_hot_kl(student_logits, gold):
+            return F.cross_entropy(student_logits.float() / self.temperature, gold, reduction="sum")
 
-        head = student.head.params()
-        paired = chunk_sum_with_gradients(
-            reindexed_kl, student.hidden[student_index], teacher.hidden[teacher_index], params=head, chunk_size=chunk
+        loss, ce, kd = kd_at_pairs_with_gold_ce(
+            student, student_index, teacher.hidden[teacher_index], reindexed_kl, one_hot_kl, ce_weight,
+            kd_weight * self.kd_scale, chunk,
         )
-        one_hot = chunk_sum_with_gradients(
-            one_hot_kl, student.hidden[unpaired], student.targets[unpaired], params=head, chunk_size=chunk
-        )
-        kd = paired + one_hot
-        gold = gold_cross_entropy(student, ce_weight, self.chunk_size)
-        metrics = alignment_metrics(batch) | {"mined_fraction": torch.tensor(len(student_index) / max(len(unpaired), 1))}
-        return ObjectiveOutput(kd_weight * self.kd_scale * kd + gold.loss, gold.ce, kd.detach(), metrics)
+        fraction = len(student_index) / max(len(student.targets), 1)
+        metrics = alignment_metrics(batch) | {"mined_fraction": torch.tensor(fraction)}
+        return ObjectiveOutput(loss, ce, kd, metrics)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..losses import chunk_sum_with_gradients, default_chunk_size
+from ..losses import default_chunk_size
 from .cross_batch import CrossTokenizerBatch, Positions
-from .cross_common import alignment_metrics, gold_cross_entropy
+from .cross_common import alignment_metrics, kd_at_pairs_with_gold_ce
 from .output import ObjectiveOutput
 
 
@@ -44,14 +44,12 @@ class UniversalLogitKD:
         student, teacher = batch.student, batch.teacher
         teacher_index, student_index = positional_pairs(teacher, student)
 
-        def distance(student_hidden, teacher_hidden):
-            student_logits = student.head.logits(student_hidden)
+        def distance(student_logits, teacher_hidden):
             return sorted_probability_distance(teacher.head.logits(teacher_hidden), student_logits, self.temperature).sum()
 
         vocab = max(student.head.weight.shape[0], teacher.head.weight.shape[0])
-        kd = chunk_sum_with_gradients(
-            distance, student.hidden[student_index], teacher.hidden[teacher_index], params=student.head.params(),
-            chunk_size=self.chunk_size or default_chunk_size(vocab, student.hidden.device),
+        loss, ce, kd = kd_at_pairs_with_gold_ce(
+            student, student_index, teacher.hidden[teacher_index], distance, None, ce_weight,
+            kd_weight * self.kd_scale, self.chunk_size or default_chunk_size(vocab, student.hidden.device),
         )
-        gold = gold_cross_entropy(student, ce_weight, self.chunk_size)
-        return ObjectiveOutput(kd_weight * self.kd_scale * kd + gold.loss, gold.ce, kd.detach(), alignment_metrics(batch))
+        return ObjectiveOutput(loss, ce, kd, alignment_metrics(batch))
