@@ -330,7 +330,15 @@ def write_report(budget: Budget, budget_name: str, work: Work, results: Path) ->
         "budget": budget_name, "settings": asdict(budget), "scores": scores, "stage_seconds": times,
         "training_logs": logs,
     }, indent=1))
-    results.with_suffix(".md").write_text(report(budget, budget_name, scores, times) + "\n" + stability(logs))
+    markdown = results.with_suffix(".md")
+    reading = _reading(markdown.read_text()) if markdown.exists() else ""
+    markdown.write_text(report(budget, budget_name, scores, times) + "\n" + stability(logs) + reading)
+
+
+def _reading(markdown: str) -> str:
+    """The hand-written "## Reading" section of an earlier report (everything from it on), kept across rewrites."""
+    start = markdown.find("\n## Reading")
+    return "" if start < 0 else markdown[start:]
 
 
 def stability(logs: dict[str, list[dict]]) -> str:
@@ -424,9 +432,9 @@ def _table(comparison: str, budget: Budget, scores: dict, times: dict) -> list[s
     return lines + [""]
 
 
-def _accuracy_gap(winner: dict, loser: dict, key: str = "exact_match") -> tuple[float, float]:
-    """Difference in GSM8K accuracy (points) and two binomial standard errors of it."""
-    n = winner["gsm8k"].get("problems", 0) or 1
+def _accuracy_gap(winner: dict, loser: dict, problems: int, key: str = "exact_match") -> tuple[float, float]:
+    """Difference in GSM8K accuracy (points) over `problems` and two binomial standard errors of it."""
+    n = max(problems, 1)
     a, b = winner["gsm8k"][key] / 100, loser["gsm8k"][key] / 100
     return 100 * (a - b), 200 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
 
@@ -447,13 +455,12 @@ def _verdicts(budget: Budget, scores: dict) -> list[str]:
             if a is None or b is None:
                 lines.append(f"  - {comparison}: {winner} vs {loser}: not run yet.")
                 continue
-            a["gsm8k"]["problems"] = b["gsm8k"]["problems"] = budget.gsm8k_problems
-            gap, noise = _accuracy_gap(a, b)
+            gap, noise = _accuracy_gap(a, b, budget.gsm8k_problems)
             accuracy = "held" if gap > noise else "did not hold" if gap < -noise else "within noise"
             ce = b["gsm8k"]["reference_ce"] - a["gsm8k"]["reference_ce"]
             kl = b["gsm8k"]["teacher_student_kl"] - a["gsm8k"]["teacher_student_kl"]
             rouge = a["dolly"]["rouge_l"] - b["dolly"]["rouge_l"] if "dolly" in a and "dolly" in b else float("nan")
-            long_gap, long_noise = _accuracy_gap(a, b, "long_half")
+            long_gap, long_noise = _accuracy_gap(a, b, budget.gsm8k_problems, "long_half")
             lines.append(
                 f"  - {comparison}: {winner} vs {loser}: GSM8K accuracy {accuracy} ({gap:+.1f} points, 2 SE "
                 f"{noise:.1f}; long half {long_gap:+.1f}, 2 SE {2 ** 0.5 * long_noise:.1f}); reference CE "

@@ -55,7 +55,7 @@ def config_for(objective: str, scratch: Path, args):
         learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no", report_to=[], seed=0,
         disable_tqdm=True, train_sampling_strategy="sequential", model_dtype=args.dtype,
-        bf16=args.dtype == "bfloat16",
+        bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(),
     )
 
 

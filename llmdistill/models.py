@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -220,14 +221,17 @@ def with_adapter(model: PreTrainedModel, peft_config):
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, trust_remote_code: bool = False) -> Path:
     """Folds a saved adapter into its base model and writes a plain HF folder (weights, config, tokenizer)."""
     try:
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
     except ImportError as error:
         raise ImportError("merging an adapter needs peft: pip install 'llmdistill[peft]'.") from error
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ModelError(
             f"adapter={str(adapter_dir)!r} holds no adapter_config.json: give the folder a use_peft run saved."
         )
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
+    # The base loads through load_model, so a GGUF base (which peft's own loader cannot open) merges too.
+    base_name = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_model(base_name, "auto", trust_remote_code, field="the adapter's base_model_name_or_path")
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.merge_and_unload().save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(output_dir)
     return Path(output_dir)

@@ -176,6 +176,30 @@ def test_the_cli_distills_a_gguf_teacher_into_a_gguf_student_and_saves_an_hf_fol
     assert (tmp_path / "run" / "tokenizer.json").is_file()
 
 
+def test_a_lora_student_on_a_gguf_base_merges_into_a_plain_hf_folder(tmp_path):
+    """peft's own loader cannot open a GGUF base; `llmdistill merge` loads it the way training did."""
+    pytest.importorskip("peft", reason="LoRA needs the peft extra")
+    (tmp_path / "student").mkdir()
+    write_gguf(tmp_path / "student" / "student.gguf")
+    rows = [{"prompt": f"say the {word}", "output": f" the {word}"} for word in ("cat", "dog", "hat", "mat")] * 2
+    main([
+        "train", "--student_model_name_or_path", str(tmp_path / "student" / "student.gguf"), "--objective", "sft",
+        "--use_peft", "true", "--lora_r", "2", "--lora_dropout", "0", "--learning_rate", "1e-1",
+        "--dataset_name_or_path", str(write_jsonl(tmp_path / "train.jsonl", rows)),
+        "--output_dir", str(tmp_path / "run"),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", "true", "--report_to", "none",
+    ])
+    main(["merge", str(tmp_path / "run"), str(tmp_path / "merged")])
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert isinstance(merged, LlamaForCausalLM)
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    base = load_model(str(tmp_path / "student" / "student.gguf"))
+    ids = torch.tensor([[5, 70, 200, 257]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, base(ids).logits), "the adapter's update was not merged in"
+
+
 def test_an_architecture_transformers_cannot_read_is_one_line_naming_the_field_and_the_architecture(tmp_path):
     write_gguf(tmp_path / "odd.gguf", architecture="rwkv7")
     source = str(tmp_path / "odd.gguf")
