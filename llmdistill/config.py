@@ -148,7 +148,8 @@ class DistillConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Supervised positions per chunk of the loss (memory grows with chunk × vocabulary); by default "
-            "as many as keep one chunk's fp32 logits near 128 MiB."
+            "at least 128 and, above that, as many as keep one chunk's fp32 logits within 16 MiB on CPU and 64 MiB "
+            "on accelerators (at most 512)."
         },
     )
 

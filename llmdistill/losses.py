@@ -24,12 +24,13 @@ from .models import LMHead
 
 # Default chunking: as many positions as keep one chunk's [chunk, V] fp32 logits within a budget of elements, a
 # multiple of 16 in [MIN_DEFAULT_CHUNK, MAX_DEFAULT_CHUNK]. A chunk holds a few such buffers at once (five for JSD).
-# On CPU the budget keeps each buffer under glibc's 32 MiB mmap ceiling: a larger one is a fresh mapping every chunk
-# (page faults, a resident-memory spike). There 32 positions at V = 152k (19 MiB) ran the loss as fast as 96 (58 MiB)
-# and cut the on-policy run's peak by ~12% (benchmarks/loss_memory.py, benchmarks/peers.py). Accelerators, whose
-# caching allocators reuse blocks, keep 64 MiB: larger matmuls, fewer passes over the head.
+# Every chunk streams the whole head ([V, d], and its gradient) through memory about three times, so a chunk needs
+# enough positions for its matmuls to outweigh that: at V = 152k, N = 4,096 on 2 CPU cores (fkl, forward + backward)
+# 32 positions per chunk took 65.8 s, 128 took 43.9 s and 512 40.5 s, for 0.64, 0.93 and 2.1 GB of extra memory
+# (benchmarks/loss_memory.py). Hence at least 128 positions; within that, CPU buffers stay near glibc's 32 MiB mmap
+# ceiling (fewer fresh mappings per chunk) and accelerators, whose caching allocators reuse blocks, take 64 MiB.
 CHUNK_ELEMENTS = {"cpu": 2**22, "accelerator": 2**24}
-MIN_DEFAULT_CHUNK, MAX_DEFAULT_CHUNK = 32, 512
+MIN_DEFAULT_CHUNK, MAX_DEFAULT_CHUNK = 128, 512
 COMPILE_ENV = "LLMDISTILL_COMPILE"  # "0" runs the fkl/CE chunk terms eagerly on CUDA too
 
 

@@ -263,17 +263,18 @@ def test_no_tensor_larger_than_one_chunk_of_logits_or_the_head_is_built():
     assert recorder.largest < n * vocab / 4
 
 
-def test_default_chunk_size_keeps_a_chunk_of_logits_within_16_mib_on_cpu_and_64_mib_on_accelerators():
-    assert default_chunk_size(151936, "cpu") == 32
+def test_default_chunk_size_takes_at_least_128_positions_and_within_that_16_mib_on_cpu_and_64_mib_on_accelerators():
+    assert default_chunk_size(151936, "cpu") == 128
     assert default_chunk_size(32000, "cpu") == 128
-    assert default_chunk_size(151936, "cuda") == 96
+    assert default_chunk_size(16000, "cpu") == 256
+    assert default_chunk_size(151936, "cuda") == 128
     assert default_chunk_size(32000, "cuda") == 512
     assert default_chunk_size(512, "cpu") == 512
-    assert default_chunk_size(10**9, "cpu") == 32
-    for vocab in (512, 32000, 128256, 262144):
+    assert default_chunk_size(10**9, "cpu") == 128
+    for vocab in (512, 16000, 32000, 128256, 262144):
         for device, budget in (("cpu", 2**22), ("cuda", 2**24)):
             size = default_chunk_size(vocab, device)
-            assert size % 16 == 0 and (size * vocab <= budget or size == 32)
+            assert size % 16 == 0 and (size * vocab <= budget or size == 128)
 
 
 def test_a_failing_compiler_names_the_switch_that_runs_the_loss_eagerly(monkeypatch):
