@@ -119,13 +119,15 @@ PAIRS = {"random": random_pair, "trained": trained_pair, "real": real_pair}
 
 @torch.no_grad()
 def naive_switch(student, teacher, ids, mask, intervention: Intervention, sampling: Sampling, generator):
-    """SWITCH by recomputation: both models run over the whole prefix at every step; the same draws as the engine."""
+    """SWITCH by recomputation: both models run over the whole prefix at every step; the same draws as the engine
+    (two uniform tensors per step from the generator; both models sample from the first, as SWITCH's are coupled)."""
     for step in range(sampling.max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         student_logits = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
         teacher_logits = teacher(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-        student_token = sample(student_logits, sampling, generator)
-        teacher_token = sample(teacher_logits, sampling, generator)
+        uniforms, _ = (torch.rand(student_logits.shape, generator=generator) for _ in range(2))
+        student_token = sample(student_logits, sampling, noise=uniforms)
+        teacher_token = sample(teacher_logits, sampling, noise=uniforms)
         writes = jensen_shannon(teacher_logits, student_logits) > intervention.threshold(step)
         token = torch.where(writes, teacher_token, student_token)
         ids = torch.cat([ids, token[:, None]], dim=1)
