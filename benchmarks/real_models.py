@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from math import nan
 from pathlib import Path
 
 from real_checkpoints import (
@@ -63,6 +64,7 @@ class Budget:
     max_length: int = 256  # training rows: prompt + response tokens
     max_prompt_length: int = 192
     eval_max_length: int = 384  # evaluation: prompt (≤ 256) + generated response
+    generating: tuple[str, ...] = ("same", "cross")  # comparisons whose students are scored on generated answers
     max_new_tokens: int = 192  # on-policy rollouts
 
 
@@ -70,7 +72,10 @@ BUDGETS = {
     # 2 CPU cores, fp32: about an hour per comparison at one seed (see the report for the measured times).
     "cpu": Budget(teacher=QWEN_05, same_student=HALF_DEPTH, teacher_steps=30, steps=30, batch_size=2,
                   learning_rate=2e-5, seeds=(0,), gsm8k_problems=100, dolly_prompts=0, fidelity_rows=50, bf16=False,
-                  max_new_tokens=128, eval_max_length=320),
+                  max_new_tokens=128, eval_max_length=320,
+                  # Generating 100 answers took the half-depth Qwen student 19 min, against 2-3 min for its reference
+                  # CE and KL: `same` is scored on those alone here (SmolLM2's accuracy in `cross` was 2-4 %).
+                  generating=("cross",)),
     # One GPU, bf16: the issue's 1,000 steps on the papers' pair (Qwen 1.5B teacher, 0.5B student), three seeds.
     "gpu": Budget(teacher=QWEN_15, same_student=QWEN_05, teacher_steps=1000, steps=1000, batch_size=16,
                   learning_rate=2e-5, seeds=(0, 1, 2), gsm8k_problems=1319, dolly_prompts=500, fidelity_rows=500, bf16=True,
@@ -192,18 +197,20 @@ def half_depth_student(work: Work, budget: Budget) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(work.model("student-half-depth"))
 
 
-def evaluate(work: Work, budget: Budget, name: str, model: Path, teacher: Path | None) -> None:
-    from llmdistill.evaluation import (
-        Protocol, evaluate_model, final_number, load_eval_set, reference_scores, rouge_l_best,
-    )
+def evaluate(work: Work, budget: Budget, name: str, model: Path) -> None:
+    """Generation scores (GSM8K accuracy, Dolly ROUGE-L, split by reference length) and reference CE; reference CE
+    alone for a comparison the budget does not generate for."""
+    from llmdistill.evaluation import evaluate_model, final_number, load_eval_set, reference_scores, rouge_l_best
     from llmdistill.models import load_model, load_tokenizer
 
     scores = {}
-    runs = (("gsm8k", GSM8K_TEST, 0.0, budget.gsm8k_problems), ("dolly", DOLLY, 1.0, budget.dolly_prompts))
-    for data_name, data, temperature, limit in [run for run in runs if run[3] > 0]:
-        # CPU decoding reads every weight per step whatever the batch: large batches are nearly free
-        protocol = Protocol(256, budget.eval_max_length, temperature=temperature, batch_size=64, chat_template=True)
+    for data_name, data, temperature, limit in _eval_runs(budget):
         folder = work.root / "eval" / name / data_name
+        protocol = _protocol(budget, temperature)
+        if name != "teacher" and name.split("-")[0] not in budget.generating:
+            scores[data_name] = reference_scores(load_model(str(model)), load_tokenizer(str(model)), None, None,
+                                                 load_eval_set(data, limit), protocol)
+            continue
         row = evaluate_model(model, [data], folder, None, (10,), protocol, limit, progress=False)["datasets"][data_name]
         predictions = [json.loads(line)["prediction"] for line in (folder / "predictions.jsonl").open()]
         references = [json.loads(line) for line, _ in zip(data.open(), range(limit))]
@@ -215,12 +222,50 @@ def evaluate(work: Work, budget: Budget, name: str, model: Path, teacher: Path |
             per_row = [rouge_l_best([p], [[r]]) for p, r in zip(predictions, references)]
         row |= _by_length(per_row, references)
         row["mean_response_words"] = statistics.mean(len(p.split()) for p in predictions)
-        if teacher is not None:
-            fidelity = reference_scores(load_model(str(model)), load_tokenizer(str(model)), load_model(str(teacher)),
-                                        load_tokenizer(str(teacher)), load_eval_set(data, budget.fidelity_rows),
-                                        protocol)
-            row |= {"teacher_student_kl": fidelity["teacher_student_kl"], "top1_agreement": fidelity["top1_agreement"]}
         scores[data_name] = row
+    _save_scores(work, name, scores)
+
+
+def fidelity(work: Work, budget: Budget, name: str, model: Path, teacher: Path) -> None:
+    """Teacher→student KL and top-1 agreement on the first `fidelity_rows` references, over all of them and over the
+    rows whose reference is at most / above their median length (with the reference CE of each half), added to the
+    model's scores."""
+    from llmdistill.evaluation import EvalSet, load_eval_set, reference_scores
+    from llmdistill.models import load_model, load_tokenizer
+
+    scores = json.loads(work.scores(name).read_text())
+    student, student_tokenizer = load_model(str(model)), load_tokenizer(str(model))
+    teacher_model, teacher_tokenizer = load_model(str(teacher)), load_tokenizer(str(teacher))
+    for data_name, data, temperature, _ in _eval_runs(budget):
+        rows = load_eval_set(data, budget.fidelity_rows)
+        lengths = [len(references[0].split()) for references in rows.references]
+        median = statistics.median(lengths)
+        halves = {"": range(len(lengths)), "_short": [i for i, n in enumerate(lengths) if n <= median],
+                  "_long": [i for i, n in enumerate(lengths) if n > median]}
+        for suffix, kept in halves.items():
+            subset = EvalSet(rows.name, [rows.prompts[i] for i in kept], [rows.references[i] for i in kept],
+                             rows.gsm8k, [rows.user_turns[i] for i in kept])
+            found = reference_scores(student, student_tokenizer, teacher_model, teacher_tokenizer, subset,
+                                     _protocol(budget, temperature))
+            keys = ("teacher_student_kl", "top1_agreement") + (("reference_ce",) if suffix else ())
+            scores[data_name] |= {f"{key}{suffix}": found[key] for key in keys}
+    _save_scores(work, name, scores)
+
+
+def _eval_runs(budget: Budget) -> list[tuple[str, Path, float, int]]:
+    """(data set name, file, sampling temperature, rows) of each evaluation the budget runs."""
+    runs = (("gsm8k", GSM8K_TEST, 0.0, budget.gsm8k_problems), ("dolly", DOLLY, 1.0, budget.dolly_prompts))
+    return [run for run in runs if run[3] > 0]
+
+
+def _protocol(budget: Budget, temperature: float):
+    from llmdistill.evaluation import Protocol
+
+    # CPU decoding reads every weight per step whatever the batch: large batches are nearly free
+    return Protocol(256, budget.eval_max_length, temperature=temperature, batch_size=64, chat_template=True)
+
+
+def _save_scores(work: Work, name: str, scores: dict) -> None:
     path = work.scores(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(scores, indent=1))
@@ -232,7 +277,7 @@ def _by_length(per_row: list[float], references: list[str]) -> dict[str, float]:
     median = statistics.median(lengths)
     short = [score for score, length in zip(per_row, lengths) if length <= median]
     long = [score for score, length in zip(per_row, lengths) if length > median]
-    return {"short_half": statistics.mean(short), "long_half": statistics.mean(long) if long else float("nan"),
+    return {"short_half": statistics.mean(short), "long_half": statistics.mean(long) if long else nan,
             "median_reference_words": median}
 
 
@@ -245,11 +290,13 @@ def plan(budget: Budget, work: Work, comparisons: list[str]) -> list[tuple[str, 
     for comparison in comparisons:
         if comparison == "same" and budget.same_student == HALF_DEPTH:
             stages.append(("student-half-depth", ["half-depth"]))
-        stages.append((f"eval:{comparison}-untrained", ["eval", f"{comparison}-untrained"]))
+        for name in [f"{comparison}-untrained"]:
+            stages += [(f"eval:{name}", ["eval", name]), (f"fidelity:{name}", ["fidelity", name])]
         for seed in budget.seeds:
             for method in COMPARISONS[comparison]:
                 name = f"{comparison}-{method}-s{seed}"
-                stages += [(name, ["train", comparison, method, str(seed)]), (f"eval:{name}", ["eval", name])]
+                stages += [(name, ["train", comparison, method, str(seed)]), (f"eval:{name}", ["eval", name]),
+                           (f"fidelity:{name}", ["fidelity", name])]
         if comparison == comparisons[0]:  # the teacher's own generation costs the most: after the first students
             stages.append(("eval:teacher", ["eval", "teacher"]))
     return stages
@@ -258,7 +305,19 @@ def plan(budget: Budget, work: Work, comparisons: list[str]) -> list[tuple[str, 
 def done(stage: str, work: Work) -> bool:
     if stage.startswith("eval:"):
         return work.scores(stage[5:]).exists()
+    if stage.startswith("fidelity:"):
+        path = work.scores(stage[9:])
+        return path.exists() and "teacher_student_kl_long" in next(iter(json.loads(path.read_text()).values()))
     return (work.model(stage) / "config.json").exists()
+
+
+def model_of(name: str, budget: Budget, work: Work) -> Path:
+    """The model folder an evaluation stage's name stands for."""
+    if name == "teacher":
+        return work.model("teacher-sft")
+    if name.endswith("-untrained"):
+        return student_of(name.split("-")[0], budget, work)
+    return work.model(name)
 
 
 def run_one(arguments: list[str], budget: Budget, work: Work) -> None:
@@ -273,14 +332,13 @@ def run_one(arguments: list[str], budget: Budget, work: Work) -> None:
         comparison, method, seed = arguments[1:]
         train(work, budget, f"{comparison}-{method}-s{seed}", student_of(comparison, budget, work), teacher,
               COMPARISONS[comparison][method], budget.steps, int(seed))
-    elif kind == "eval":
+    elif kind in ("eval", "fidelity"):
         name = arguments[1]
-        if name == "teacher":
-            evaluate(work, budget, name, teacher, None)
-        elif name.endswith("-untrained"):
-            evaluate(work, budget, name, student_of(name.split("-")[0], budget, work), teacher)
+        model = model_of(name, budget, work)
+        if kind == "eval":
+            evaluate(work, budget, name, model)
         else:
-            evaluate(work, budget, name, work.model(name), teacher)
+            fidelity(work, budget, name, model, teacher)
 
 
 def main() -> None:
@@ -358,7 +416,7 @@ def stability(logs: dict[str, list[dict]]) -> str:
             return f"{entries[0][key]:.3f} → {statistics.mean(e[key] for e in entries[-5:]):.3f}"
 
         others = "; ".join(f"{key} {path(key)}" for key in terms) or "—"
-        largest = max(entry.get("grad_norm", float("nan")) for entry in entries)
+        largest = max(entry.get("grad_norm", nan) for entry in entries)
         lines.append(f"| {name} | {path('loss')} | {path('ce')} | {path('kd')} | {others} | {largest:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -366,7 +424,8 @@ def stability(logs: dict[str, list[dict]]) -> str:
 COLUMNS = (  # (heading, data set, score key, format)
     ("GSM8K acc %", "gsm8k", "exact_match", ".1f"), ("short half", "gsm8k", "short_half", ".1f"),
     ("long half", "gsm8k", "long_half", ".1f"), ("GSM8K ref CE", "gsm8k", "reference_ce", ".3f"),
-    ("GSM8K KL", "gsm8k", "teacher_student_kl", ".3f"), ("top-1 agr %", "gsm8k", "top1_agreement", ".1f"),
+    ("GSM8K KL", "gsm8k", "teacher_student_kl", ".3f"), ("KL short half", "gsm8k", "teacher_student_kl_short", ".3f"),
+    ("KL long half", "gsm8k", "teacher_student_kl_long", ".3f"), ("top-1 agr %", "gsm8k", "top1_agreement", ".1f"),
     ("Dolly ROUGE-L", "dolly", "rouge_l", ".2f"), ("Dolly long half", "dolly", "long_half", ".2f"),
     ("Dolly ref CE", "dolly", "reference_ce", ".3f"), ("Dolly KL", "dolly", "teacher_student_kl", ".3f"),
 )
@@ -392,7 +451,8 @@ def report(budget: Budget, budget_name: str, scores: dict, times: dict) -> str:
         + f", prompt + response ≤ {budget.eval_max_length} tokens; reference CE over the same rows. `short/long "
         "half`: the rows whose reference is at most / above the median reference length (words). KL and top-1 "
         f"agreement: teacher→student per reference token over the first {budget.fidelity_rows} references "
-        "(ETA-paired across tokenizers).", "",
+        "(ETA-paired across tokenizers); `KL short/long half`: the same over those of them whose reference is at "
+        "most / above their median length.", "",
         "## Predictions (written before the runs)", "",
         *[f"- **{claim}**: {text}" for claim, text in PREDICTIONS.items()], "",
     ]
@@ -424,8 +484,7 @@ def _table(comparison: str, budget: Budget, scores: dict, times: dict) -> list[s
         if row is None:
             lines.append(f"| {label} | " + " | ".join("not run" for _ in COLUMNS) + " | |")
             continue
-        cells = [format(row[data].get(key, float("nan")), spec) if data in row else "—"
-                 for _, data, key, spec in COLUMNS]
+        cells = [format(row[data][key], spec) if key in row.get(data, {}) else "—" for _, data, key, spec in COLUMNS]
         seconds = [times.get(f"{comparison}-{label}-s{seed}") for seed in budget.seeds]
         minutes = f"{statistics.mean(s for s in seconds if s) / 60:.0f}" if any(seconds) else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {minutes} |")
@@ -433,10 +492,32 @@ def _table(comparison: str, budget: Budget, scores: dict, times: dict) -> list[s
 
 
 def _accuracy_gap(winner: dict, loser: dict, problems: int, key: str = "exact_match") -> tuple[float, float]:
-    """Difference in GSM8K accuracy (points) over `problems` and two binomial standard errors of it."""
+    """Difference in GSM8K accuracy (points; `winner`, `loser`: GSM8K score rows) over `problems` and two binomial
+    standard errors of it."""
     n = max(problems, 1)
-    a, b = winner["gsm8k"][key] / 100, loser["gsm8k"][key] / 100
+    a, b = winner[key] / 100, loser[key] / 100
     return 100 * (a - b), 200 * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
+
+
+def _differences(a: dict, b: dict, budget: Budget) -> list[str]:
+    """How method a's GSM8K (and Dolly) scores differ from method b's, in words: accuracy against two binomial
+    standard errors where the students generated, then reference CE and KL (overall and on the long half)."""
+    rouge = a["dolly"]["rouge_l"] - b["dolly"]["rouge_l"] if "dolly" in a and "dolly" in b else None
+    a, b, words = a["gsm8k"], b["gsm8k"], []
+    if "exact_match" in a and "exact_match" in b:
+        gap, noise = _accuracy_gap(a, b, budget.gsm8k_problems)
+        long_gap, long_noise = _accuracy_gap(a, b, budget.gsm8k_problems, "long_half")
+        verdict = "held" if gap > noise else "did not hold" if gap < -noise else "within noise"
+        words.append(f"GSM8K accuracy {verdict} ({gap:+.1f} points, 2 SE {noise:.1f}; long half {long_gap:+.1f}, "
+                     f"2 SE {2 ** 0.5 * long_noise:.1f})")
+    else:
+        words.append("GSM8K accuracy not measured at this budget")
+    for label, key in (("reference CE", "reference_ce"), ("KL", "teacher_student_kl"),
+                       ("KL on the long half", "teacher_student_kl_long")):
+        if key in a and key in b:
+            gap = b[key] - a[key]
+            words.append(f"{label} {'lower' if gap > 0 else 'higher'} by {abs(gap):.3f}")
+    return words + ([] if rouge is None else [f"Dolly ROUGE-L {rouge:+.2f}"])
 
 
 def _verdicts(budget: Budget, scores: dict) -> list[str]:
@@ -455,18 +536,7 @@ def _verdicts(budget: Budget, scores: dict) -> list[str]:
             if a is None or b is None:
                 lines.append(f"  - {comparison}: {winner} vs {loser}: not run yet.")
                 continue
-            gap, noise = _accuracy_gap(a, b, budget.gsm8k_problems)
-            accuracy = "held" if gap > noise else "did not hold" if gap < -noise else "within noise"
-            ce = b["gsm8k"]["reference_ce"] - a["gsm8k"]["reference_ce"]
-            kl = b["gsm8k"]["teacher_student_kl"] - a["gsm8k"]["teacher_student_kl"]
-            rouge = a["dolly"]["rouge_l"] - b["dolly"]["rouge_l"] if "dolly" in a and "dolly" in b else float("nan")
-            long_gap, long_noise = _accuracy_gap(a, b, budget.gsm8k_problems, "long_half")
-            lines.append(
-                f"  - {comparison}: {winner} vs {loser}: GSM8K accuracy {accuracy} ({gap:+.1f} points, 2 SE "
-                f"{noise:.1f}; long half {long_gap:+.1f}, 2 SE {2 ** 0.5 * long_noise:.1f}); reference CE "
-                f"{'lower' if ce > 0 else 'higher'} by {abs(ce):.3f}; KL {'lower' if kl > 0 else 'higher'} by "
-                f"{abs(kl):.3f}" + ("" if rouge != rouge else f"; Dolly ROUGE-L {rouge:+.2f}") + "."
-            )
+            lines.append(f"  - {comparison}: {winner} vs {loser}: " + "; ".join(_differences(a, b, budget)) + ".")
     return lines
 
 
