@@ -227,8 +227,8 @@ def evaluate(work: Work, budget: Budget, name: str, model: Path) -> None:
 
 
 def fidelity(work: Work, budget: Budget, name: str, model: Path, teacher: Path) -> None:
-    """Teacher→student KL and top-1 agreement on the first `fidelity_rows` references, over all of them and over the
-    rows whose reference is at most / above their median length (with the reference CE of each half), added to the
+    """Teacher→student KL and top-1 agreement on the first `fidelity_rows` references, over the rows whose reference
+    is at most / above their median length (with the reference CE of each half) and over all of them, added to the
     model's scores."""
     from llmdistill.evaluation import EvalSet, load_eval_set, reference_scores
     from llmdistill.models import load_model, load_tokenizer
@@ -240,15 +240,21 @@ def fidelity(work: Work, budget: Budget, name: str, model: Path, teacher: Path) 
         rows = load_eval_set(data, budget.fidelity_rows)
         lengths = [len(references[0].split()) for references in rows.references]
         median = statistics.median(lengths)
-        halves = {"": range(len(lengths)), "_short": [i for i, n in enumerate(lengths) if n <= median],
-                  "_long": [i for i, n in enumerate(lengths) if n > median]}
-        for suffix, kept in halves.items():
+        halves = {"short": [i for i, n in enumerate(lengths) if n <= median],
+                  "long": [i for i, n in enumerate(lengths) if n > median]}
+        halves = {half: kept for half, kept in halves.items() if kept}
+        found = {}
+        for half, kept in halves.items():
             subset = EvalSet(rows.name, [rows.prompts[i] for i in kept], [rows.references[i] for i in kept],
                              rows.gsm8k, [rows.user_turns[i] for i in kept])
-            found = reference_scores(student, student_tokenizer, teacher_model, teacher_tokenizer, subset,
-                                     _protocol(budget, temperature))
-            keys = ("teacher_student_kl", "top1_agreement") + (("reference_ce",) if suffix else ())
-            scores[data_name] |= {f"{key}{suffix}": found[key] for key in keys}
+            found[half] = reference_scores(student, student_tokenizer, teacher_model, teacher_tokenizer, subset,
+                                           _protocol(budget, temperature))
+            scores[data_name] |= {f"{key}_{half}": found[half][key]
+                                  for key in ("teacher_student_kl", "top1_agreement", "reference_ce")}
+        # Both are per-position means: over all the rows, each half weighs by its positions.
+        positions = {half: found[half]["fidelity_positions"] for half in halves}
+        for key in ("teacher_student_kl", "top1_agreement"):
+            scores[data_name][key] = sum(found[h][key] * positions[h] for h in halves) / sum(positions.values())
     _save_scores(work, name, scores)
 
 

@@ -97,7 +97,8 @@ def teacher_student_fidelity(
     pad_token_id: int,
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """Per-token forward KL(teacher ‖ student) and top-1 agreement over the reference responses' tokens."""
+    """Per-token forward KL(teacher ‖ student) and top-1 agreement over the reference responses' tokens (and how many
+    tokens that is)."""
     device = next(student.parameters()).device
     kl_sum, agreements, tokens = 0.0, 0.0, 0
     for batch, supervised in _reference_batches(tokenised_dataset, pad_token_id, batch_size, device):
@@ -109,7 +110,8 @@ def teacher_student_fidelity(
         kl_sum += sums.kd.item()
         agreements += sums.top1_agreements.item()
         tokens += sums.count
-    return {"teacher_student_kl": kl_sum / tokens, "top1_agreement": 100.0 * agreements / tokens}
+    return {"teacher_student_kl": kl_sum / tokens, "top1_agreement": 100.0 * agreements / tokens,
+            "fidelity_positions": tokens}
 
 
 @torch.no_grad()
@@ -124,7 +126,8 @@ def cross_tokenizer_fidelity(
 ) -> dict[str, float]:
     """Fidelity between models with different vocabularies, at the ETA-aligned response positions: KL(teacher ‖
     student) over the shared vocabulary C (both renormalised over C), top-1 agreement (the teacher's top-1 mapped to
-    the student token with the same text), and the share of the student's response tokens that are aligned."""
+    the student token with the same text), the share of the student's response tokens that are aligned, and how many
+    positions that is."""
     collate = DistillCollator(pad_token_id, teacher_pad_token_id=teacher_pad_token_id)
     device = next(student.parameters()).device
     student_head, teacher_head = LMHead.of(student), LMHead.of(teacher)
@@ -158,6 +161,7 @@ def cross_tokenizer_fidelity(
         "teacher_student_kl": kl_sum / max(aligned, 1),
         "top1_agreement": 100.0 * agreements / max(aligned, 1),
         "aligned_fraction": aligned / tokens,
+        "fidelity_positions": aligned,
     }
 
 
