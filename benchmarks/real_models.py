@@ -296,8 +296,8 @@ def plan(budget: Budget, work: Work, comparisons: list[str]) -> list[tuple[str, 
     for comparison in comparisons:
         if comparison == "same" and budget.same_student == HALF_DEPTH:
             stages.append(("student-half-depth", ["half-depth"]))
-        for name in [f"{comparison}-untrained"]:
-            stages += [(f"eval:{name}", ["eval", name]), (f"fidelity:{name}", ["fidelity", name])]
+        untrained = f"{comparison}-untrained"
+        stages += [(f"eval:{untrained}", ["eval", untrained]), (f"fidelity:{untrained}", ["fidelity", untrained])]
         for seed in budget.seeds:
             for method in COMPARISONS[comparison]:
                 name = f"{comparison}-{method}-s{seed}"
