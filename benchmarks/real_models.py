@@ -24,6 +24,7 @@ and real_models.json.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import statistics
 import subprocess
@@ -207,7 +208,7 @@ def evaluate(work: Work, budget: Budget, name: str, model: Path) -> None:
     for data_name, data, temperature, limit in _eval_runs(budget):
         folder = work.root / "eval" / name / data_name
         protocol = _protocol(budget, temperature)
-        if name != "teacher" and name.split("-")[0] not in budget.generating:
+        if name != "teacher" and comparison_of(name) not in budget.generating:
             scores[data_name] = reference_scores(load_model(str(model)), load_tokenizer(str(model)), None, None,
                                                  load_eval_set(data, limit), protocol)
             continue
@@ -317,12 +318,17 @@ def done(stage: str, work: Work) -> bool:
     return (work.model(stage) / "config.json").exists()
 
 
+def comparison_of(name: str) -> str:
+    """`same` or `cross`, from a student's stage name (`same-dskd-s0`, `cross-untrained`)."""
+    return name.split("-")[0]
+
+
 def model_of(name: str, budget: Budget, work: Work) -> Path:
     """The model folder an evaluation stage's name stands for."""
     if name == "teacher":
         return work.model("teacher-sft")
     if name.endswith("-untrained"):
-        return student_of(name.split("-")[0], budget, work)
+        return student_of(comparison_of(name), budget, work)
     return work.model(name)
 
 
@@ -354,6 +360,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("~/.cache/llmdistill-real-models").expanduser())
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="rewrite the report from the saved scores")
+    parser.add_argument("--stages", nargs="+", default=["*"], metavar="PATTERN",
+                        help="run only the stages whose names match one of these shell patterns, e.g. '*switch*'")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = parser.parse_args()
     budget, work = BUDGETS[args.budget], Work(args.work, args.budget)
@@ -363,7 +371,7 @@ def main() -> None:
     if not args.render:
         models_dir(budget.teacher, SMOLLM, QWEN_05)
         for stage, arguments in plan(budget, work, args.comparisons):
-            if done(stage, work):
+            if done(stage, work) or not any(fnmatch.fnmatch(stage, pattern) for pattern in args.stages):
                 continue
             started = time.perf_counter()
             command = [sys.executable, __file__, "--budget", args.budget, "--work", str(args.work), "--one", *arguments]

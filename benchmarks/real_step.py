@@ -9,7 +9,7 @@ backward, the objective written from METHODS with full [B, T, V] logits, AdamW (
 at the rate llmdistill gives it). llmdistill's step is DistillTrainer's. Both read the same GSM8K rows in the same
 order (sequential sampler, batch 2, at most --max-length tokens). Each side runs in its own process, sides
 alternate over --rounds, and each process reports the median of its timed steps (after --warmup) and its peak
-resident memory (models included). The first step's loss of both sides is printed beside the times: equal losses
+resident memory over the steps (models and optimizer state included; loading's own peak is reported apart, Linux). The first step's loss of both sides is printed beside the times: equal losses
 show that the two steps compute the same thing. Writes benchmarks/results/real_step.md.
 """
 
@@ -60,7 +60,17 @@ def config_for(objective: str, scratch: Path, args):
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set since it started or since `restart_peak_rss`."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def restart_peak_rss() -> float:
+    """The peak so far (loading), then the peak starts over from the current resident set (Linux), so that the
+    steps' peak is not the loading's: from_pretrained reads the checkpoint through a memory map, whose pages count as
+    resident while mapped and come and go with the page cache (it swung the loading peak by 0.8 GB between runs)."""
+    loading = peak_rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")
+    return loading
 
 
 def run_llmdistill(objective: str, args) -> dict:
@@ -71,6 +81,9 @@ def run_llmdistill(objective: str, args) -> dict:
     class StepTimes(TrainerCallback):
         def __init__(self):
             self.times, self.started = [], 0.0
+
+        def on_train_begin(self, *_, **__):
+            self.loading_mb = restart_peak_rss()
 
         def on_step_begin(self, *_, **__):
             self.started = time.perf_counter()
@@ -84,7 +97,8 @@ def run_llmdistill(objective: str, args) -> dict:
         trainer.add_callback(timer)
         trainer.train()
     first = next(entry for entry in trainer.state.log_history if "loss" in entry)
-    return {"step_s": timer.times[args.warmup:], "peak_mb": peak_rss_mb(), "first_loss": first["loss"]}
+    return {"step_s": timer.times[args.warmup:], "peak_mb": peak_rss_mb(), "loading_mb": timer.loading_mb,
+            "first_loss": first["loss"]}
 
 
 def run_plain(objective: str, args) -> dict:
@@ -115,7 +129,7 @@ def run_plain(objective: str, args) -> dict:
     optimizer = torch.optim.AdamW(
         [{"params": list(student.parameters()), "lr": 1e-5}] + extra, lr=1e-5, weight_decay=0.0
     )
-    times, first_loss = [], None
+    times, first_loss, loading_mb = [], None, restart_peak_rss()
     for batch in batches[: args.warmup + args.steps]:
         started = time.perf_counter()
         loss = loss_fn(batch)
@@ -124,7 +138,7 @@ def run_plain(objective: str, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
         first_loss = first_loss if first_loss is not None else loss.item()
-    return {"step_s": times[args.warmup:], "peak_mb": peak_rss_mb(), "first_loss": first_loss}
+    return {"step_s": times[args.warmup:], "peak_mb": peak_rss_mb(), "loading_mb": loading_mb, "first_loss": first_loss}
 
 
 def fkl_rows(teacher_logits, student_logits):
@@ -347,13 +361,13 @@ def header(args) -> list[str]:
         f"`LLMDISTILL_MODELS=... {command}` on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, {args.dtype}, batch 2 of GSM8K train rows in the chat template, at most "
         f"{args.max_length} tokens, α = {ALPHA}, τ = 1. Step time: median over each process's timed steps, then over "
-        "processes; memory: each process's peak resident set (models and optimizer included), largest over "
-        "processes. First loss: the first step's loss on each side (same rows): equal values show the two steps "
+        "processes; memory: each process's peak resident set over its steps (models and optimizer included), largest "
+        "over processes (the loading peak, before the first step, is the last column: it moves with the page cache). First loss: the first step's loss on each side (same rows): equal values show the two steps "
         "compute the same objective.",
         "",
         "| objective | teacher → student | llmdistill s / step | plain s / step | time ratio | llmdistill peak MB | "
-        "plain peak MB | memory ratio | first loss (llmdistill / plain) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "plain peak MB | memory ratio | first loss (llmdistill / plain) | loading peak MB (llmdistill / plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
 
@@ -361,11 +375,13 @@ def row(objective: str, runs: dict[str, list[dict]]) -> str:
     step = {side: statistics.median(statistics.median(r["step_s"]) for r in results) for side, results in runs.items()}
     peak = {side: max(r["peak_mb"] for r in results) for side, results in runs.items()}
     first = {side: results[0]["first_loss"] for side, results in runs.items()}
+    loading = {side: max(r["loading_mb"] for r in results) for side, results in runs.items()}
     teacher, student = OBJECTIVES[objective]
     return (
         f"| {objective} | {teacher} → {student} | {step['llmdistill']:.2f} | {step['plain']:.2f} | "
         f"**{step['llmdistill'] / step['plain']:.2f}x** | {peak['llmdistill']:,.0f} | {peak['plain']:,.0f} | "
-        f"**{peak['llmdistill'] / peak['plain']:.2f}x** | {first['llmdistill']:.4f} / {first['plain']:.4f} |"
+        f"**{peak['llmdistill'] / peak['plain']:.2f}x** | {first['llmdistill']:.4f} / {first['plain']:.4f} | "
+        f"{loading['llmdistill']:,.0f} / {loading['plain']:,.0f} |"
     )
 
 
