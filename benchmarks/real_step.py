@@ -9,8 +9,9 @@ backward, the objective written from METHODS with full [B, T, V] logits, AdamW (
 at the rate llmdistill gives it). llmdistill's step is DistillTrainer's. Both read the same GSM8K rows in the same
 order (sequential sampler, batch 2, at most --max-length tokens). Each side runs in its own process, sides
 alternate over --rounds, and each process reports the median of its timed steps (after --warmup) and its peak
-resident memory over the steps (models and optimizer state included; loading's own peak is reported apart, Linux). The first step's loss of both sides is printed beside the times: equal losses
-show that the two steps compute the same thing. Writes benchmarks/results/real_step.md.
+resident memory over the steps (models and optimizer state included; the loading peak is reported apart, Linux).
+The first step's loss of both sides is printed beside the times: equal losses show that the two steps compute the
+same thing. Writes benchmarks/results/real_step.md.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def peak_rss_mb() -> float:
 
 def restart_peak_rss() -> float:
     """The peak so far (loading), then the peak starts over from the current resident set (Linux), so that the
-    steps' peak is not the loading's: from_pretrained reads the checkpoint through a memory map, whose pages count as
-    resident while mapped and come and go with the page cache (it swung the loading peak by 0.8 GB between runs)."""
+    steps' peak is not the loading's: from_pretrained maps the checkpoint file, whose pages count as resident while
+    mapped (Qwen 1.5B stored in fp32, loaded in bf16: 6.9 GB of file pages beside the 3.7 GB model), and the two
+    sides load the models in different orders."""
     loading = peak_rss_mb()
     Path("/proc/self/clear_refs").write_text("5")
     return loading
@@ -138,7 +140,8 @@ def run_plain(objective: str, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
         first_loss = first_loss if first_loss is not None else loss.item()
-    return {"step_s": times[args.warmup:], "peak_mb": peak_rss_mb(), "loading_mb": loading_mb, "first_loss": first_loss}
+    return {"step_s": times[args.warmup:], "peak_mb": peak_rss_mb(), "loading_mb": loading_mb,
+            "first_loss": first_loss}
 
 
 def fkl_rows(teacher_logits, student_logits):
@@ -362,8 +365,9 @@ def header(args) -> list[str]:
         f"torch {torch.__version__}, {args.dtype}, batch 2 of GSM8K train rows in the chat template, at most "
         f"{args.max_length} tokens, α = {ALPHA}, τ = 1. Step time: median over each process's timed steps, then over "
         "processes; memory: each process's peak resident set over its steps (models and optimizer included), largest "
-        "over processes (the loading peak, before the first step, is the last column: it moves with the page cache). First loss: the first step's loss on each side (same rows): equal values show the two steps "
-        "compute the same objective.",
+        "over processes (the last column is the peak while loading, mostly the checkpoint files' mapped pages). "
+        "First loss: the first step's loss on each side (same rows): equal values show the two steps compute the "
+        "same objective.",
         "",
         "| objective | teacher → student | llmdistill s / step | plain s / step | time ratio | llmdistill peak MB | "
         "plain peak MB | memory ratio | first loss (llmdistill / plain) | loading peak MB (llmdistill / plain) |",
