@@ -72,8 +72,9 @@ class Budget:
 BUDGETS = {
     # 2 CPU cores, fp32: about an hour per comparison at one seed (see the report for the measured times).
     "cpu": Budget(teacher=QWEN_05, same_student=HALF_DEPTH, teacher_steps=30, steps=30, batch_size=2,
-                  learning_rate=2e-5, seeds=(0,), gsm8k_problems=100, dolly_prompts=0, fidelity_rows=50, bf16=False,
-                  max_new_tokens=128, eval_max_length=320,
+                  # Seeds 1 and 2 ran only for the methods the time allowed (`--stages`); the report counts each row's.
+                  learning_rate=2e-5, seeds=(0, 1, 2), gsm8k_problems=100, dolly_prompts=0, fidelity_rows=50,
+                  bf16=False, max_new_tokens=128, eval_max_length=320,
                   # Generating 100 answers took the half-depth Qwen student 19 min, against 2-3 min for its reference
                   # CE and KL: `same` is scored on those alone here (SmolLM2's accuracy in `cross` was 2-4 %).
                   generating=("cross",)),
@@ -476,32 +477,53 @@ def report(budget: Budget, budget_name: str, scores: dict, times: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean_over_seeds(scores: dict, name: str, seeds) -> dict | None:
-    runs = [scores[f"{name}-s{seed}"] for seed in seeds if f"{name}-s{seed}" in scores]
+def _seed_runs(scores: dict, name: str, seeds) -> dict[int, dict]:
+    """The saved scores of `name` (`same-dskd`) at each of `seeds` that has run."""
+    return {seed: scores[f"{name}-s{seed}"] for seed in seeds if f"{name}-s{seed}" in scores}
+
+
+def _mean_over_seeds(runs: dict[int, dict]) -> dict | None:
+    """Each score's mean over the seeds' runs; `seeds` counts them, `<key>_std` is the spread where there are two."""
     if not runs:
         return None
+    runs = list(runs.values())
     merged = {}
     for data_name, row in runs[0].items():
-        merged[data_name] = {key: statistics.mean(run[data_name][key] for run in runs)
-                             for key, value in row.items() if isinstance(value, float | int)}
-        merged[data_name]["seeds"] = len(runs)
+        merged[data_name] = {"seeds": len(runs)}
+        for key, value in row.items():
+            if isinstance(value, float | int):
+                values = [run[data_name][key] for run in runs]
+                merged[data_name][key] = statistics.mean(values)
+                if len(values) > 1:
+                    merged[data_name][f"{key}_std"] = statistics.stdev(values)
     return merged
+
+
+SPREAD_KEYS = ("reference_ce", "teacher_student_kl")  # the columns that show ± the seed spread
+
+
+def _cell(row: dict, data: str, key: str, spec: str) -> str:
+    if key not in row.get(data, {}):
+        return "—"
+    spread = row[data].get(f"{key}_std")
+    return format(row[data][key], spec) + (f" ± {spread:{spec}}" if spread is not None and key in SPREAD_KEYS else "")
 
 
 def _table(comparison: str, budget: Budget, scores: dict, times: dict) -> list[str]:
     rows = [("teacher (SFT'd)", scores.get("teacher")), ("untrained student", scores.get(f"{comparison}-untrained"))]
-    rows += [(method, _mean_over_seeds(scores, f"{comparison}-{method}", budget.seeds)) for method in
-             COMPARISONS[comparison]]
-    heading = "| model | " + " | ".join(column[0] for column in COLUMNS) + " | train min |"
-    lines = [f"## `{comparison}`", "", heading, "|---" * (len(COLUMNS) + 2) + "|"]
+    rows += [(method, _mean_over_seeds(_seed_runs(scores, f"{comparison}-{method}", budget.seeds)))
+             for method in COMPARISONS[comparison]]
+    heading = "| model | seeds | " + " | ".join(column[0] for column in COLUMNS) + " | train min |"
+    lines = [f"## `{comparison}`", "", heading, "|---" * (len(COLUMNS) + 3) + "|"]
     for label, row in rows:
         if row is None:
-            lines.append(f"| {label} | " + " | ".join("not run" for _ in COLUMNS) + " | |")
+            lines.append(f"| {label} | | " + " | ".join("not run" for _ in COLUMNS) + " | |")
             continue
-        cells = [format(row[data][key], spec) if key in row.get(data, {}) else "—" for _, data, key, spec in COLUMNS]
+        cells = [_cell(row, data, key, spec) for _, data, key, spec in COLUMNS]
         seconds = [times.get(f"{comparison}-{label}-s{seed}") for seed in budget.seeds]
         minutes = f"{statistics.mean(s for s in seconds if s) / 60:.0f}" if any(seconds) else ""
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {minutes} |")
+        seeds = row["gsm8k"].get("seeds", "") if label in COMPARISONS[comparison] else ""
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + f" | {minutes} |")
     return lines + [""]
 
 
@@ -534,7 +556,20 @@ def _differences(a: dict, b: dict, budget: Budget) -> list[str]:
     return words + ([] if rouge is None else [f"Dolly ROUGE-L {rouge:+.2f}"])
 
 
+def _per_seed(a: dict[int, dict], b: dict[int, dict]) -> str:
+    """How much lower a's reference CE and KL are than b's at each seed both ran (positive: a ahead)."""
+    parts = []
+    for label, key in (("CE", "reference_ce"), ("KL", "teacher_student_kl")):
+        gaps = [b[seed]["gsm8k"][key] - a[seed]["gsm8k"][key] for seed in a
+                if key in a[seed]["gsm8k"] and key in b[seed]["gsm8k"]]
+        if gaps:
+            ahead = sum(gap > 0 for gap in gaps)
+            parts.append(f"{label} " + ", ".join(f"{gap:+.3f}" for gap in gaps) + f" (ahead at {ahead} of {len(gaps)})")
+    return "per seed, how much lower: " + "; ".join(parts)
+
+
 def _verdicts(budget: Budget, scores: dict) -> list[str]:
+    """Claim by claim, each pair compared over the seeds both of its methods ran (paired by seed)."""
     lines = []
     for claim, spec in CLAIMS.items():
         pairs = []
@@ -545,12 +580,18 @@ def _verdicts(budget: Budget, scores: dict) -> list[str]:
             pairs = [(comparison, winner, loser) for loser in losers]
         lines.append(f"- **{claim}**:")
         for comparison, winner, loser in pairs:
-            a = _mean_over_seeds(scores, f"{comparison}-{winner}", budget.seeds)
-            b = _mean_over_seeds(scores, f"{comparison}-{loser}", budget.seeds)
-            if a is None or b is None:
+            a = _seed_runs(scores, f"{comparison}-{winner}", budget.seeds)
+            b = _seed_runs(scores, f"{comparison}-{loser}", budget.seeds)
+            common = [seed for seed in a if seed in b]
+            if not common:
                 lines.append(f"  - {comparison}: {winner} vs {loser}: not run yet.")
                 continue
-            lines.append(f"  - {comparison}: {winner} vs {loser}: " + "; ".join(_differences(a, b, budget)) + ".")
+            a, b = {seed: a[seed] for seed in common}, {seed: b[seed] for seed in common}
+            words = _differences(_mean_over_seeds(a), _mean_over_seeds(b), budget)
+            if len(common) > 1:
+                words.append(_per_seed(a, b))
+            seeds = f"seed {common[0]}" if len(common) == 1 else f"seeds {', '.join(map(str, common))}"
+            lines.append(f"  - {comparison}: {winner} vs {loser} ({seeds}): " + "; ".join(words) + ".")
     return lines
 
 
