@@ -622,7 +622,8 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def peak_memory_mb(device: torch.device | str) -> float:
-    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident memory on CPU."""
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident memory on CPU (model loading
+    included: file pages mapped while loading count too)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
