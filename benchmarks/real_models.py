@@ -490,8 +490,8 @@ def _mean_over_seeds(runs: dict[int, dict]) -> dict | None:
     merged = {}
     for data_name, row in runs[0].items():
         merged[data_name] = {"seeds": len(runs)}
-        for key, value in row.items():
-            if isinstance(value, float | int):
+        for key, value in row.items():  # a score some seed lacks so far (its fidelity stage to come) is left out
+            if isinstance(value, float | int) and all(key in run[data_name] for run in runs):
                 values = [run[data_name][key] for run in runs]
                 merged[data_name][key] = statistics.mean(values)
                 if len(values) > 1:

@@ -21,7 +21,8 @@ def test_render_pairs_seeds_and_shows_their_spread(tmp_path):
     scores.mkdir(parents=True)
     saved = {"same-sft-s0": _scores(2.3, 1.6), "same-sft-s1": _scores(2.2, 1.5), "same-sft-s2": _scores(2.1, 1.4),
              "same-vanilla_kd-s0": _scores(2.2, 1.5), "same-vanilla_kd-s1": _scores(2.25, 1.45),
-             "same-vanilla_kd-s2": _scores(2.0, 1.3), "same-dskd-s0": _scores(2.15, 1.49)}
+             "same-vanilla_kd-s2": _scores(2.0, 1.3), "same-dskd-s0": _scores(2.15, 1.49),
+             "same-skd-s0": _scores(2.3, 1.6), "same-skd-s1": {"gsm8k": {"reference_ce": 2.1}}}  # s1: no KL yet
     for name, row in saved.items():
         (scores / f"{name}.json").write_text(json.dumps(row))
     results = tmp_path / "report" / "real_models"
@@ -32,6 +33,7 @@ def test_render_pairs_seeds_and_shows_their_spread(tmp_path):
     assert "| sft | 3 | — | — | — | 2.200 ± 0.100 | 1.500 ± 0.100 |" in report
     assert "| dskd | 1 | — | — | — | 2.150 | 1.490 |" in report
     assert "| on_policy | | not run |" in report
+    assert "| skd | 2 | — | — | — | 2.200 ± 0.141 | — |" in report  # KL until every seed has it: not yet
     # vanilla KD against SFT over all three seeds, per seed: 0.1 ahead, 0.05 behind, 0.1 ahead
     assert ("same: vanilla_kd vs sft (seeds 0, 1, 2): GSM8K accuracy not measured at this budget; reference CE lower "
             "by 0.050; KL lower by 0.083;") in report
