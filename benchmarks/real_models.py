@@ -522,7 +522,7 @@ def _table(comparison: str, budget: Budget, scores: dict, times: dict) -> list[s
         cells = [_cell(row, data, key, spec) for _, data, key, spec in COLUMNS]
         seconds = [times.get(f"{comparison}-{label}-s{seed}") for seed in budget.seeds]
         minutes = f"{statistics.mean(s for s in seconds if s) / 60:.0f}" if any(seconds) else ""
-        seeds = row["gsm8k"].get("seeds", "") if label in COMPARISONS[comparison] else ""
+        seeds = row["gsm8k"].get("seeds", "")  # the teacher's and untrained rows are single runs, without a count
         lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + f" | {minutes} |")
     return lines + [""]
 
